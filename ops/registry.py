@@ -1,0 +1,225 @@
+"""One registry of ops: what the generic tests and the benchmark need to know about each.
+
+A new op registers an :class:`OpSpec` here (see ``docs/adding-an-op.md``); the generic
+numerics tests (forward and VJP of every impl against float64, interpret mode,
+``check_grads``, GPU/TPU lowering) and the benchmark rows are generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusedvjp import ops
+
+Shape = tuple[int, ...]
+# make_inputs(rng, shape, dtype) -> positional arrays of the op (numpy rng: fresh inputs per test).
+MakeInputs = Callable[[np.random.Generator, Shape, Any], tuple]
+# cost(shape, dtype, mode) -> bytes or flops that mode must move or do at the least.
+Cost = Callable[[Shape, Any, str], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What the generic tests and the benchmark need to know about one op.
+
+    Attributes:
+      name: the public function's name in ``fusedvjp.ops``.
+      fn: the public function ``fn(*arrays, impl=..., **options)``.
+      reference: the xla reference ``reference(*arrays, **options)`` (plain jnp).
+      make_inputs: draws random valid inputs for a shape and dtype.
+      abstract_inputs: the same inputs as ``jax.ShapeDtypeStruct`` (for lowering checks
+        at shapes too large to materialize here).
+      diff_argnums: positions of the arrays the VJP is taken with respect to.
+      test_shapes: small shapes (odd sizes, size 1) for the generic CPU tests.
+      options: option sets the tests run (each a dict of keyword arguments).
+      bench_shapes: ``{"mnist": [...], "llm": [...]}`` shapes for the benchmark.
+      lowering_shapes: ``(shape, dtype name)`` cases lowered for an abstract H100 and TPU.
+      bytes: minimal HBM traffic of a mode ("fwd" or "fwd+bwd") at a shape and dtype.
+      flops: floating-point operations of a mode.
+      shape_names: what each entry of a shape means (for tables), e.g. ``("M", "K", "N")``.
+    """
+
+    name: str
+    fn: Callable[..., jax.Array]
+    reference: Callable[..., jax.Array]
+    make_inputs: MakeInputs
+    abstract_inputs: Callable[[Shape, Any], tuple]
+    diff_argnums: tuple[int, ...]
+    test_shapes: tuple[Shape, ...]
+    bench_shapes: Mapping[str, Sequence[Shape]]
+    lowering_shapes: tuple[tuple[Shape, str], ...]
+    bytes: Cost
+    flops: Cost
+    shape_names: tuple[str, ...]
+    options: tuple[Mapping[str, Any], ...] = ({},)
+
+
+REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"op {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> OpSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; registered: {sorted(REGISTRY)}") from None
+
+
+def _itemsize(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
+
+
+# --- dense / dense_tanh: shape (M, K, N) -------------------------------------------------
+
+
+def _dense_inputs(rng, shape, dtype):
+    m, k, n = shape
+    # Scaled so z = x @ w + b is O(1): tanh is then neither linear nor saturated.
+    return (_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype, 1 / math.sqrt(k)), _normal(rng, (n,), dtype, 0.5))
+
+
+def _dense_abstract(shape, dtype):
+    m, k, n = shape
+    return (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype), jax.ShapeDtypeStruct((n,), dtype))
+
+
+def _dense_bytes(shape, dtype, mode):
+    m, k, n = shape
+    s = _itemsize(dtype)
+    fwd = (m * k + k * n + n + m * n) * s  # read x, w, b; write a
+    if mode == "fwd":
+        return fwd
+    # backward: read x, w, a, g; write dx, dw, db
+    return fwd + (m * k + k * n + 2 * m * n + m * k + k * n + n) * s
+
+
+def _dense_flops(shape, dtype, mode):
+    m, k, n = shape
+    fwd = 2 * m * k * n
+    return fwd if mode == "fwd" else 3 * fwd  # dx and dw are one matmul each
+
+
+_DENSE_COMMON = dict(
+    make_inputs=_dense_inputs,
+    abstract_inputs=_dense_abstract,
+    diff_argnums=(0, 1, 2),
+    test_shapes=((37, 784, 10), (1, 1, 1), (128, 512, 10)),
+    lowering_shapes=(((128, 784, 512), "f32"), ((128, 512, 10), "f32"), ((8192, 4096, 4096), "bf16")),
+    bytes=_dense_bytes,
+    flops=_dense_flops,
+    shape_names=("M", "K", "N"),
+)
+
+register(OpSpec(
+    name="dense_tanh",
+    fn=ops.dense_tanh,
+    reference=lambda x, w, b: ops.dense_reference(x, w, b, activation="tanh"),
+    bench_shapes={"mnist": [(128, 784, 512)], "llm": [(8192, 4096, 4096)]},
+    **_DENSE_COMMON,
+))
+
+register(OpSpec(
+    name="dense",
+    fn=ops.dense,
+    reference=lambda x, w, b: ops.dense_reference(x, w, b),
+    bench_shapes={"mnist": [(128, 512, 10)], "llm": []},
+    **_DENSE_COMMON,
+))
+
+
+# --- cross-entropy: shape (N, V) -----------------------------------------------------------
+
+
+def _xent_int_inputs(rng, shape, dtype):
+    n, v = shape
+    # Logits of a few units: with large random logits an unmasked padding column would
+    # vanish in the logsumexp and hide a bug.
+    return (_normal(rng, (n, v), dtype, 2.0), jnp.asarray(rng.integers(0, v, (n,)), jnp.int32))
+
+
+def _xent_prob_inputs(rng, shape, dtype):
+    n, v = shape
+    t = rng.random((n, v))
+    return (_normal(rng, (n, v), dtype, 2.0), jnp.asarray(t / t.sum(-1, keepdims=True), dtype))
+
+
+def _xent_int_abstract(shape, dtype):
+    n, v = shape
+    return (jax.ShapeDtypeStruct((n, v), dtype), jax.ShapeDtypeStruct((n,), jnp.int32))
+
+
+def _xent_prob_abstract(shape, dtype):
+    n, v = shape
+    return (jax.ShapeDtypeStruct((n, v), dtype), jax.ShapeDtypeStruct((n, v), dtype))
+
+
+def _xent_bytes(label_row: bool):
+    def cost(shape, dtype, mode):
+        n, v = shape
+        s = _itemsize(dtype)
+        # fwd: one read of the logits (and label rows); fwd+bwd with recompute: read the
+        # logits twice, write dlogits once -- the 2-reads-1-write floor.
+        # Probability labels add a read of the label rows per pass and, since they are
+        # differentiable, a write of dlabels.
+        rows = 2 if label_row else 1
+        if mode == "fwd":
+            return rows * n * v * s + 4 * n
+        return 2 * rows * n * v * s + rows * n * v * s + 8 * n
+
+    return cost
+
+
+def _xent_flops(shape, dtype, mode):
+    n, v = shape
+    return (4 if mode == "fwd" else 9) * n * v  # exp, max, sum, compare per element (+ recompute)
+
+
+_XENT_LOWERING = (((128, 10), "f32"), ((1000, 32003), "f32"), ((8192, 128256), "bf16"))
+
+register(OpSpec(
+    name="softmax_cross_entropy_with_integer_labels",
+    fn=ops.softmax_cross_entropy_with_integer_labels,
+    reference=ops.softmax_cross_entropy_with_integer_labels_reference,
+    make_inputs=_xent_int_inputs,
+    abstract_inputs=_xent_int_abstract,
+    diff_argnums=(0,),
+    test_shapes=((37, 10), (1, 1), (5, 1000), (3, 32003)),
+    options=({}, {"label_smoothing": 0.1, "z_loss": 1e-3}),
+    bench_shapes={"mnist": [(128, 10)], "llm": [(8192, 32768), (8192, 131072)]},
+    lowering_shapes=_XENT_LOWERING,
+    bytes=_xent_bytes(label_row=False),
+    flops=_xent_flops,
+    shape_names=("N", "V"),
+))
+
+register(OpSpec(
+    name="softmax_cross_entropy",
+    fn=ops.softmax_cross_entropy,
+    reference=ops.softmax_cross_entropy_reference,
+    make_inputs=_xent_prob_inputs,
+    abstract_inputs=_xent_prob_abstract,
+    diff_argnums=(0, 1),
+    test_shapes=((37, 10), (1, 1), (5, 1000)),
+    bench_shapes={"mnist": [(128, 10)], "llm": [(8192, 32768)]},
+    lowering_shapes=_XENT_LOWERING[:2],
+    bytes=_xent_bytes(label_row=True),
+    flops=_xent_flops,
+    shape_names=("N", "V"),
+))

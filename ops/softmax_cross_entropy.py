@@ -1,0 +1,312 @@
+"""Softmax cross-entropy (optax semantics) with a hand-written VJP.
+
+Per row of logits ``x`` (length V) with target distribution ``t``::
+
+    lse  = log sum_j exp(x_j)               p = softmax(x) = exp(x - lse)
+    loss = -sum_j t_j log p_j = lse * sum_j t_j - sum_j t_j x_j
+
+The Jacobian of ``loss`` w.r.t. ``x`` is one row: ``d loss / d x_k = p_k sum_j t_j - t_k``,
+so the VJP is ``g * (p * sum(t) - t)`` -- for a distribution (sum t = 1) the seed's
+``p - y``. Nothing V x V (the softmax Jacobian ``diag(p) - p p^T``) is ever formed: the
+loss collapses it. The residual is the f32 ``lse`` per row: with it the backward
+recomputes ``p = exp(x - lse)`` from the logits it reads anyway, so no [N, V]
+probability tensor is kept between the passes.
+
+Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in closed form
+``loss = lse - (1 - a) x_y - (a / V) sum_j x_j``. The z-loss ``s * lse**2`` (PaLM/T5X) adds
+``2 s lse p`` to the gradient (``d lse / d x = p``).
+
+Conventions: ``where=False`` rows have loss 0 and gradient 0. A label outside [0, V) on
+a row that counts gives NaN loss and a NaN gradient row (never a silently wrong number).
+``-inf`` logits (a masked vocabulary) have ``p = 0`` and gradient ``-t`` (0 unless they
+carry target mass, in which case the loss is +inf); a term with ``t_j = 0`` contributes 0
+even where ``x_j = -inf`` (``0 * log 0 = 0``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
+
+
+# --- xla references (the impl="xla" path; JAX's autodiff differentiates them) -------------
+
+
+def softmax_cross_entropy_with_integer_labels_reference(
+    logits, labels, *, where=None, label_smoothing=0.0, z_loss=0.0
+):
+    """Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels`` (+ smoothing, z-loss)."""
+    x = logits.astype(jnp.float32)
+    v = x.shape[-1]
+    lse = jax.nn.logsumexp(x, axis=-1)
+    valid = (labels >= 0) & (labels < v)
+    label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    loss = lse - (1.0 - label_smoothing) * label_logit
+    if label_smoothing:
+        loss = loss - (label_smoothing / v) * jnp.sum(x, axis=-1)
+    if z_loss:
+        loss = loss + z_loss * lse**2
+    counted = jnp.ones(labels.shape, bool) if where is None else where
+    # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
+    # the multiplication is deliberate (it is the NaN we want), not a mask.
+    loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
+    return jnp.where(counted, loss, 0.0).astype(logits.dtype)
+
+
+def _safe_log_softmax(x, t):
+    """log_softmax(x), with 0 where x is -inf and t is 0 (so ``t * log p`` is 0 there)."""
+    logp = jax.nn.log_softmax(x, axis=-1)
+    return jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
+
+
+def softmax_cross_entropy_reference(logits, labels, *, where=None):
+    """Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` masked by ``where`` rows."""
+    x = logits.astype(jnp.float32)
+    t = labels.astype(jnp.float32)
+    loss = -jnp.sum(t * _safe_log_softmax(x, t), axis=-1)
+    if where is not None:
+        loss = jnp.where(where, loss, 0.0)
+    return loss.astype(logits.dtype)
+
+
+# --- integer labels: custom_vjp ------------------------------------------------------------
+
+
+def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals):
+    """logits [N, V], labels int32 [N], where bool [N] -> loss f32 [N] (+ residuals)."""
+
+    def jnp_path():
+        x = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(x, axis=-1)
+        loss = softmax_cross_entropy_with_integer_labels_reference(
+            x, labels, where=where, label_smoothing=label_smoothing, z_loss=z_loss
+        )
+        return loss, lse
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+        kernel = functools.partial(
+            kernels.softmax_cross_entropy_fwd, logits, labels, where,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )
+        loss, lse = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
+    else:
+        loss, lse = jnp_path()
+    if return_residuals:
+        return loss, (logits, labels, where, lse)
+    return loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _int_xent(logits, labels, where, label_smoothing, z_loss, impl):
+    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals=False)
+
+
+def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl):
+    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals=True)
+
+
+def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
+    logits, labels, where, lse = residuals
+    g = g.astype(jnp.float32)
+
+    def jnp_path():
+        x = logits.astype(jnp.float32)
+        v = x.shape[-1]
+        p = jnp.exp(x - lse[:, None])
+        # t = (1 - a) onehot(y) + a/V; an out-of-range y matches no column.
+        onehot = jnp.arange(v)[None, :] == labels[:, None]
+        t = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / v
+        dx = p * (1.0 + 2.0 * z_loss * lse[:, None]) - t
+        valid = (labels >= 0) & (labels < v)
+        dx = jnp.where(valid[:, None], dx, jnp.nan)
+        return jnp.where(where[:, None], g[:, None] * dx, 0.0).astype(logits.dtype)
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+        kernel = functools.partial(
+            kernels.softmax_cross_entropy_bwd, logits, labels, where, lse, g,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )
+        dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
+    else:
+        dlogits = jnp_path()
+    return dlogits, None, None
+
+
+_int_xent.defvjp(_int_xent_fwd, _int_xent_bwd)
+
+
+# --- probability labels: custom_vjp --------------------------------------------------------
+
+
+def _prob_forward(logits, labels, where, impl, return_residuals):
+    """logits [N, V], labels float [N, V], where bool [N] -> loss f32 [N] (+ residuals)."""
+
+    def jnp_path():
+        x = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(x, axis=-1)
+        return softmax_cross_entropy_reference(x, labels, where=where), lse
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+        kernel = functools.partial(kernels.softmax_cross_entropy_fwd, logits, labels, where)
+        loss, lse = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
+    else:
+        loss, lse = jnp_path()
+    if return_residuals:
+        return loss, (logits, labels, where, lse)
+    return loss
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _prob_xent(logits, labels, where, impl):
+    return _prob_forward(logits, labels, where, impl, return_residuals=False)
+
+
+def _prob_xent_fwd(logits, labels, where, impl):
+    return _prob_forward(logits, labels, where, impl, return_residuals=True)
+
+
+def _prob_xent_bwd(impl, residuals, g):
+    logits, labels, where, lse = residuals
+    g = jnp.where(where, g.astype(jnp.float32), 0.0)
+
+    def jnp_path():
+        x = logits.astype(jnp.float32)
+        t = labels.astype(jnp.float32)
+        p = jnp.exp(x - lse[:, None])
+        return (g[:, None] * (p * jnp.sum(t, axis=-1, keepdims=True) - t)).astype(logits.dtype)
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, lse, g)
+        dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
+    else:
+        dlogits = jnp_path()
+    # d loss / d t_j = -log p_j (= -(x_j - lse)). XLA fuses this into one elementwise pass
+    # and removes it entirely when the labels need no gradient (the usual case).
+    x = logits.astype(jnp.float32)
+    logp = x - lse[:, None]
+    t = labels.astype(jnp.float32)
+    logp = jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
+    dlabels = jnp.where(where[:, None], -g[:, None] * logp, 0.0).astype(labels.dtype)
+    return dlogits, dlabels, None
+
+
+_prob_xent.defvjp(_prob_xent_fwd, _prob_xent_bwd)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def _flatten_rows(logits, where):
+    batch = logits.shape[:-1]
+    n = math.prod(batch)
+    logits2 = logits.reshape(n, logits.shape[-1])
+    where1 = jnp.ones((n,), bool) if where is None else where.reshape(n)
+    return batch, logits2, where1
+
+
+def _check_where(where, batch_shape):
+    if where is None:
+        return None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
+    if where.shape != batch_shape:
+        raise ValueError(f"where must have the batch shape {batch_shape} (logits.shape[:-1]), got {where.shape}")
+    return where
+
+
+def _check_logits(logits):
+    check_float("logits", logits)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {logits.shape}")
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits, labels, *, where=None, label_smoothing=0.0, z_loss=0.0, impl="auto"
+):
+    """Per-example softmax cross-entropy with integer labels, fused where possible.
+
+    Args:
+      logits: ``[..., V]`` floating logits (may contain ``-inf`` for masked entries).
+      labels: ``[...]`` integer class indices in ``[0, V)``.
+      where: optional ``[...]`` bool; rows where False get loss 0 and gradient 0.
+      label_smoothing: ``a`` in ``[0, 1)``: target ``(1 - a) onehot + a / V``.
+      z_loss: ``s >= 0``: adds ``s * logsumexp(logits)**2`` per example.
+      impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
+
+    Returns:
+      ``[...]`` losses in ``logits.dtype`` (computed in f32); NaN on counted rows whose
+      label is outside ``[0, V)``.
+
+    Raises:
+      TypeError / ValueError: non-float logits, non-integer labels, mismatched shapes,
+        out-of-range hyperparameters, unknown impl.
+
+    Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels(logits, labels)`` for
+    ``a = s = 0``, and in general ``-sum(t * log_softmax(logits), -1) + s * logsumexp(logits)**2``.
+    """
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    _check_logits(logits)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {labels.shape})")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {logits.shape[:-1]} (logits {logits.shape} without V), "
+                         f"got {labels.shape}")
+    where = _check_where(where, logits.shape[:-1])
+    label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return softmax_cross_entropy_with_integer_labels_reference(
+            logits, labels, where=where, label_smoothing=label_smoothing, z_loss=z_loss
+        )
+    batch, logits2, where1 = _flatten_rows(logits, where)
+    labels1 = labels.reshape(-1).astype(jnp.int32)
+    loss = _int_xent(logits2, labels1, where1, label_smoothing, z_loss, impl)
+    return loss.reshape(batch).astype(logits.dtype)
+
+
+def softmax_cross_entropy(logits, labels, *, where=None, impl="auto"):
+    """Per-example softmax cross-entropy against a target distribution, fused where possible.
+
+    Args:
+      logits: ``[..., V]`` floating logits (may contain ``-inf``).
+      labels: ``[..., V]`` floating target probabilities (differentiable).
+      where: optional ``[...]`` bool; rows where False get loss 0 and gradient 0.
+      impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
+
+    Returns:
+      ``[...]`` losses in ``logits.dtype`` (computed in f32).
+
+    Raises:
+      TypeError / ValueError: non-float logits or labels, mismatched shapes, unknown impl.
+
+    Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` =
+    ``-sum(labels * log_softmax(logits), -1)``, with ``0 * log 0 = 0``.
+    """
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    _check_logits(logits)
+    check_float("labels", labels)
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must have the shape of logits {logits.shape}, got {labels.shape}")
+    where = _check_where(where, logits.shape[:-1])
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return softmax_cross_entropy_reference(logits, labels, where=where)
+    batch, logits2, where1 = _flatten_rows(logits, where)
+    labels2 = labels.reshape(logits2.shape)
+    loss = _prob_xent(logits2, labels2, where1, impl)
+    return loss.reshape(batch).astype(logits.dtype)

@@ -1,0 +1,162 @@
+"""Cross-entropy ops against optax and float64 over the feature grid, plus edge semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import DTYPES, assert_close, float64_oracle, randn
+from fusedvjp import ops
+
+IMPLS = ("xla", "jnp", "pallas")
+
+
+def optax_int_loss(logits, labels, where, label_smoothing, z_loss):
+    """The oracle: optax's cross-entropy on smoothed one-hot targets, plus the z-loss."""
+    v = logits.shape[-1]
+    x = logits.astype(jnp.float64 if logits.dtype == jnp.float64 else jnp.float32)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, v, dtype=x.dtype), label_smoothing)
+    loss = optax.softmax_cross_entropy(x, targets) + z_loss * jax.nn.logsumexp(x, axis=-1) ** 2
+    return jnp.where(where, loss, 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("v", [10, 1000, 32003])
+@pytest.mark.parametrize("label_smoothing,z_loss,masked", [(0.0, 0.0, False), (0.1, 1e-3, True)])
+def test_integer_labels_match_optax(impl, dname, v, label_smoothing, z_loss, masked, rng):
+    n = 3 if v == 32003 else 37
+    dtype = DTYPES[dname]
+    logits = randn(rng, (n, v), dtype, 2.0)
+    labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
+    where = jnp.asarray(rng.random(n) < 0.7) if masked else jnp.ones((n,), bool)
+    g = randn(rng, (n,), jnp.float32)
+
+    def op(x):
+        return ops.softmax_cross_entropy_with_integer_labels(
+            x, labels, where=where if masked else None, label_smoothing=label_smoothing, z_loss=z_loss, impl=impl
+        ).astype(jnp.float32)
+
+    loss, vjp = jax.vjp(op, logits)
+    (dlogits,) = vjp(g)
+
+    def oracle(x, g):
+        out, f = jax.vjp(lambda x: optax_int_loss(x, labels, where, label_smoothing, z_loss), x)
+        return out, f(g)[0]
+
+    want_loss, want_grad = float64_oracle(oracle, logits, g)
+    assert_close(loss, want_loss, dtype)
+    assert_close(dlogits, want_grad, dtype)
+    assert dlogits.dtype == dtype
+    assert np.all(np.asarray(dlogits, np.float32)[~np.asarray(where)] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("v", [10, 1000])
+def test_probability_labels_match_optax(impl, dname, v, rng):
+    n, dtype = 37, DTYPES[dname]
+    logits = randn(rng, (n, v), dtype, 2.0)
+    t = rng.random((n, v)) ** 4
+    labels = jnp.asarray(t / t.sum(-1, keepdims=True), dtype)
+    where = jnp.asarray(rng.random(n) < 0.7)
+    g = randn(rng, (n,), jnp.float32)
+
+    def op(x, t):
+        return ops.softmax_cross_entropy(x, t, where=where, impl=impl).astype(jnp.float32)
+
+    loss, vjp = jax.vjp(op, logits, labels)
+    grads = vjp(g)
+
+    def oracle(x, t, g):
+        out, f = jax.vjp(lambda x, t: jnp.where(where, optax.softmax_cross_entropy(x, t), 0.0), x, t)
+        return out, f(g)
+
+    want_loss, want_grads = float64_oracle(oracle, logits, labels, g)
+    assert_close(loss, want_loss, dtype)
+    for got, want in zip(grads, want_grads):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_neg_inf_logits_are_masked_vocabulary(impl, rng):
+    n, v = 9, 300
+    logits = randn(rng, (n, v), jnp.float32, 2.0)
+    masked = jnp.asarray(rng.random((n, v)) < 0.3)
+    labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
+    masked = masked.at[jnp.arange(n), labels].set(False)
+    logits = jnp.where(masked, -jnp.inf, logits)
+    f = lambda x: ops.softmax_cross_entropy_with_integer_labels(x, labels, impl=impl)  # noqa: E731
+    loss, vjp = jax.vjp(f, logits)
+    (grad,) = vjp(jnp.ones((n,)))
+    assert np.isfinite(loss).all()
+    assert np.all(np.asarray(grad)[np.asarray(masked)] == 0)
+    # Same as dropping the masked entries: the finite logits' loss is unchanged.
+    want = [optax.softmax_cross_entropy_with_integer_labels(
+        logits[i][~masked[i]], jnp.sum(~masked[i][: labels[i]])) for i in range(n)]
+    assert_close(loss, jnp.stack(want), jnp.float32)
+    t = jax.nn.one_hot(labels, v)
+    lp = ops.softmax_cross_entropy(logits, t, impl=impl)
+    assert_close(lp, loss, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_magnitudes_stay_exact(impl, rng):
+    n, v = 6, 257
+    logits = randn(rng, (n, v), jnp.float32, 1e4)
+    labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
+    loss, grad = jax.value_and_grad(
+        lambda x: ops.softmax_cross_entropy_with_integer_labels(x, labels, impl=impl).sum())(logits)
+    want_loss, want_grad = float64_oracle(
+        jax.value_and_grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).sum()), logits)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    assert_close(loss, want_loss, jnp.float32)
+    assert_close(grad, want_grad, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_labels_give_nan_rows(impl, rng):
+    n, v = 5, 40
+    logits = randn(rng, (n, v), jnp.float32)
+    labels = jnp.asarray([0, -1, v, 7, -1], jnp.int32)
+    where = jnp.asarray([True, True, True, True, False])
+    f = lambda x: ops.softmax_cross_entropy_with_integer_labels(x, labels, where=where, impl=impl)  # noqa: E731
+    loss, vjp = jax.vjp(f, logits)
+    (grad,) = vjp(jnp.ones((n,)))
+    loss, grad = np.asarray(loss), np.asarray(grad)
+    assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
+    assert loss[4] == 0 and np.all(grad[4] == 0), "a where=False row with a padding label must be 0"
+    assert np.isnan(grad[1]).all() and np.isnan(grad[2]).all()
+    assert np.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize(
+    "fn,args,kwargs,exc,match",
+    [
+        ("int", ((4, 10), (4,)), {}, TypeError, r"labels must be an integer array"),
+        ("int", ((4, 10), (5,)), {"int_labels": True}, ValueError, r"labels must have shape \(4,\)"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "label_smoothing": 1.0}, ValueError, r"label_smoothing must be in \[0.0, 1.0\)"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "z_loss": -1.0}, ValueError, r"z_loss must be in"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "where": (3,)}, ValueError, r"where must have the batch shape \(4,\)"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "impl": "triton"}, ValueError, r"unknown impl"),
+        ("prob", ((4, 10), (4, 9)), {}, ValueError, r"labels must have the shape of logits \(4, 10\)"),
+        ("prob", ((4, 0), (4, 0)), {}, ValueError, r"V >= 1"),
+    ],
+)
+def test_bad_input_errors(fn, args, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    logits = jnp.ones(args[0], jnp.float32)
+    labels = jnp.zeros(args[1], jnp.int32 if kwargs.pop("int_labels", False) else jnp.float32)
+    if "where" in kwargs:
+        kwargs["where"] = jnp.ones(kwargs["where"], bool)
+    f = ops.softmax_cross_entropy_with_integer_labels if fn == "int" else ops.softmax_cross_entropy
+    with pytest.raises(exc, match=match):
+        f(logits, labels, **kwargs)
+
+
+def test_integer_logits_are_rejected():
+    with pytest.raises(TypeError, match=r"logits must be a floating-point array, got dtype int32"):
+        ops.softmax_cross_entropy_with_integer_labels(jnp.ones((2, 3), jnp.int32), jnp.zeros((2,), jnp.int32))
