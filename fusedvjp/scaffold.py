@@ -1,4 +1,6 @@
-"""Write the skeleton of a new fused op: ``python -m fusedvjp.scaffold NAME [--root DIR]``.
+"""Write the skeleton of a new fused op.
+
+    python -m fusedvjp.scaffold NAME [--params a,b] [--option name=default ...] [--root DIR]
 
 Creates ``kernels/NAME.py``, ``ops/NAME.py`` and ``tests/test_ops_NAME.py`` with a
 ``TODO(scaffold)`` at each place a person must fill in, appends a registry entry to
@@ -15,7 +17,11 @@ import pathlib
 import re
 import sys
 
-KERNEL_TEMPLATE = '''"""Pallas kernels for {name}: forward and backward. See ops/{name}.py for the math."""
+KERNEL_TEMPLATE = '''"""Pallas kernels for {name}: forward and backward. The math is in ops/{name}.py.
+
+TODO(scaffold): one paragraph: what each kernel reads and writes, which residuals the
+forward saves and why, and the tiling (which axis is the reduction, how tails are masked).
+"""
 
 from __future__ import annotations
 
@@ -24,14 +30,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from fusedvjp.kernels import _common
 
 
 @dataclasses.dataclass(frozen=True)
 class {camel}BlockSizes:
-    """Block sizes. Triton: powers of two. TPU: multiples of (8, 128) or the full dim."""
+    """Tile sizes. Triton: powers of two. TPU: last two block dims multiples of (8, 128)
+    or the whole dimension. With ``backend=None`` every backend's branch is traced, so
+    explicit block sizes must be legal for all of them (check them in each launcher)."""
 
     block_rows: int
     block_cols: int
@@ -39,74 +50,100 @@ class {camel}BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        # TODO(scaffold): validate every field; name the offending value in the error.
         for field in ("block_rows", "block_cols", "num_warps", "num_stages"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{{field}} must be >= 1, got {{getattr(self, field)}}")
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{camel}BlockSizes.{{field}} must be a positive int, got {{value!r}}")
+        if not _common.is_power_of_two(self.num_warps):
+            raise ValueError(f"{camel}BlockSizes.num_warps must be a power of two, got {{self.num_warps}}")
 
     @classmethod
     def default(cls, rows: int, cols: int, dtype, backend: str) -> "{camel}BlockSizes":
-        # TODO(scaffold): choose from shape and dtype; say where a default was measured
-        # (device, dtype, shape), or that it was not measured.
+        # TODO(scaffold): choose from shape, dtype and backend; a default that was measured
+        # says where (device, dtype, shape, time); one that was not says so.
         raise NotImplementedError("TODO(scaffold): {camel}BlockSizes.default")
 
 
-def _fwd_kernel(x_ref, o_ref, *res_refs, n_cols: int):
-    """TODO(scaffold): block shapes and grid axes in at most three lines."""
-    # TODO(scaffold): load, mask the tail (jnp.where(iota < n_cols, x, fill): -inf before
-    # a max, 0 before a sum or dot), compute in f32, store the output and residuals.
-    raise NotImplementedError("TODO(scaffold): {name} forward kernel")
+def _check_args({arrays}) -> None:
+    # TODO(scaffold): raise NotImplementedError(reason) for a case the kernels cannot
+    # serve (a dtype, a size past a VMEM budget); the op then falls back to jnp under
+    # impl="auto", and impl="pallas" gets the error.
+    pass
 
 
-def _bwd_kernel(x_ref, g_ref, *refs, n_cols: int):
+# --- Triton (GPU) ----------------------------------------------------------------------
+# Blocks are powers of two and dot dims >= 16: mask the tails, never ask callers to pad.
+# Out-of-range reads hold garbage (NaN in interpret mode): mask loads (plgpu.load(...,
+# mask=, other=)), then jnp.where(valid, x, fill) -- -inf before a max, 0 before a sum or
+# dot. Never multiply by a mask.
+
+
+def _fwd_kernel_triton({refs_in}, o_ref, *residual_refs{kopts}):
+    """TODO(scaffold): block shapes and grid axes, at most three lines."""
+    raise NotImplementedError("TODO(scaffold): {name} forward kernel (Triton)")
+
+
+def _bwd_kernel_triton({refs_in}, *refs{kopts}):
     """TODO(scaffold): block shapes and grid axes."""
-    # TODO(scaffold): recompute what is cheap from the residuals, form the VJP, store.
-    raise NotImplementedError("TODO(scaffold): {name} backward kernel")
+    raise NotImplementedError("TODO(scaffold): {name} backward kernel (Triton)")
 
 
-def _fwd_triton(x, *, interpret: bool, block_sizes):
-    # TODO(scaffold): pallas_call with name="fusedvjp_{name}_fwd",
-    # compiler_params=_common.triton_params(...), out_shape for output + residuals.
-    raise NotImplementedError("TODO(scaffold): {name} forward, Triton launcher")
+def _fwd_triton({arrays}, *, interpret, block_sizes{lopts}):
+    # TODO(scaffold): pl.pallas_call(_fwd_kernel_triton, grid=..., in_specs=..., out_specs=...,
+    #   out_shape=[output, residuals...], compiler_params=_common.triton_params(num_warps, num_stages),
+    #   interpret=interpret, name="fusedvjp_{name}_fwd"); return (out, residuals).
+    raise NotImplementedError("TODO(scaffold): {name} forward launcher (Triton)")
 
 
-def _fwd_tpu(x, *, interpret: bool, block_sizes):
-    # TODO(scaffold): pallas_call with name="fusedvjp_{name}_fwd", TPU block rules,
-    # pltpu.CompilerParams(dimension_semantics=...); interpret mode on CPU.
-    raise NotImplementedError("TODO(scaffold): {name} forward, Mosaic TPU launcher")
+def _bwd_triton({arrays}, residuals, g, *, interpret, block_sizes{lopts}):
+    # TODO(scaffold): name="fusedvjp_{name}_bwd"; return one cotangent per array input.
+    raise NotImplementedError("TODO(scaffold): {name} backward launcher (Triton)")
 
 
-def _bwd_triton(x, residuals, g, *, interpret: bool, block_sizes):
-    raise NotImplementedError("TODO(scaffold): {name} backward, Triton launcher")
+# --- Mosaic TPU ------------------------------------------------------------------------
+# Grid with the reduction axis last and "arbitrary" (pltpu.CompilerParams(
+# dimension_semantics=...)), f32 VMEM scratch (scratch_shapes=[pltpu.VMEM(...)]) carried
+# across it. Per-row vectors travel as [N, 1] (TPU blocks are 2-D). Every platform's
+# branch returns the same shapes: finish any partial reductions inside the branch.
 
 
-def _bwd_tpu(x, residuals, g, *, interpret: bool, block_sizes):
-    raise NotImplementedError("TODO(scaffold): {name} backward, Mosaic TPU launcher")
+def _fwd_tpu({arrays}, *, interpret, block_sizes{lopts}):
+    # TODO(scaffold): as _fwd_triton, with interpret=_common.tpu_interpret(interpret).
+    raise NotImplementedError("TODO(scaffold): {name} forward launcher (Mosaic TPU)")
 
 
-def {name}_fwd(x, *, backend=None, block_sizes=None):
-    """Returns ``(out, residuals)``. TODO(scaffold): shapes, dtypes."""
+def _bwd_tpu({arrays}, residuals, g, *, interpret, block_sizes{lopts}):
+    raise NotImplementedError("TODO(scaffold): {name} backward launcher (Mosaic TPU)")
+
+
+# --- launchers -------------------------------------------------------------------------
+
+
+def {name}_fwd({arrays}, *{lsig}, backend=None, block_sizes=None):
+    """Returns ``(out, residuals)``. TODO(scaffold): shapes and dtypes of each."""
+    _check_args({arrays})
     impls = {{
-        "triton": functools.partial(_fwd_triton, block_sizes=block_sizes),
-        "mosaic_tpu": functools.partial(_fwd_tpu, block_sizes=block_sizes),
+        "triton": functools.partial(_fwd_triton, block_sizes=block_sizes{lpass}),
+        "mosaic_tpu": functools.partial(_fwd_tpu, block_sizes=block_sizes{lpass}),
     }}
-    return _common.platform_dispatch(impls, x, backend=backend, op_name="{name}")
+    return _common.platform_dispatch(impls, {arrays}, backend=backend, op_name="{name}")
 
 
-def {name}_bwd(x, residuals, g, *, backend=None, block_sizes=None):
-    """Returns the cotangents of the forward's differentiable inputs."""
+def {name}_bwd({arrays}, residuals, g, *{lsig}, backend=None, block_sizes=None):
+    """Returns one cotangent per array input of the forward."""
     impls = {{
-        "triton": functools.partial(_bwd_triton, block_sizes=block_sizes),
-        "mosaic_tpu": functools.partial(_bwd_tpu, block_sizes=block_sizes),
+        "triton": functools.partial(_bwd_triton, block_sizes=block_sizes{lpass}),
+        "mosaic_tpu": functools.partial(_bwd_tpu, block_sizes=block_sizes{lpass}),
     }}
-    return _common.platform_dispatch(impls, x, residuals, g, backend=backend, op_name="{name}")
+    return _common.platform_dispatch(impls, {arrays}, residuals, g, backend=backend, op_name="{name}")
 '''
 
 OPS_TEMPLATE = '''"""{name}, with a hand-written VJP.
 
-TODO(scaffold): the math. Write the forward, then the Jacobian of one row, see its
-structure, and write the VJP without materializing it. Say which residuals the
-backward needs and why each is cheap and sufficient.
+TODO(scaffold): the math (docs/adding-an-op.md, step 1). Write the forward for one row,
+then the Jacobian of the output w.r.t. each input, see its structure, and write the VJP
+without materializing it. Say which residuals the backward needs and why each is cheap
+and sufficient.
 """
 
 from __future__ import annotations
@@ -117,79 +154,101 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedvjp.ops._dispatch import check_float, resolve_impl, run_kernel, uses_kernels
+from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
 
 
-def {name}_reference(x):
-    """The impl="xla" path (plain jnp, autodiff). Equivalent to: TODO(scaffold)."""
+def {name}_reference({arrays}{rsig}):
+    """The impl="xla" path (plain jnp, f32 math, output in x's dtype; JAX's autodiff).
+
+    Equivalent to: TODO(scaffold).
+    """
     raise NotImplementedError("TODO(scaffold): {name}_reference")
 
 
-def _forward(x, impl, return_residuals):
+# --- custom_vjp: primal and forward rule share _forward ------------------------------------
+
+
+def _forward({arrays}, {opt_args}impl, return_residuals):
     """x [rows, cols] -> out (+ residuals): the one forward, for the primal and the fwd rule."""
 
     def jnp_path():
-        # TODO(scaffold): jnp forward computing the residuals the backward needs.
+        # TODO(scaffold): the jnp forward; return (out, residuals) with the residuals the
+        # backward needs (the kernels' forward returns the same).
         raise NotImplementedError("TODO(scaffold): {name} jnp forward")
 
     if uses_kernels(impl):
         from fusedvjp.kernels import {name} as kernels
 
-        out, residuals = run_kernel(impl, lambda: kernels.{name}_fwd(x), jnp_path, "{name}")
+        kernel = functools.partial(kernels.{name}_fwd, {arrays}{kpass})
+        out, residuals = run_kernel(impl, kernel, jnp_path, "{name}")
     else:
         out, residuals = jnp_path()
-    return (out, (x, residuals)) if return_residuals else out
+    # TODO(scaffold): say why each residual is kept.
+    return (out, ({arrays}, residuals)) if return_residuals else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _{name}(x, impl):
-    return _forward(x, impl, return_residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums={nondiff})
+def _{name}({arrays}, {opt_args}impl):
+    return _forward({arrays}, {opt_args}impl, return_residuals=False)
 
 
-def _{name}_fwd(x, impl):
-    return _forward(x, impl, return_residuals=True)
+def _{name}_fwd({arrays}, {opt_args}impl):
+    return _forward({arrays}, {opt_args}impl, return_residuals=True)
 
 
-def _{name}_bwd(impl, saved, g):
-    x, residuals = saved
+def _{name}_bwd({opt_args}impl, saved, g):
+    {arrays}, residuals = saved
 
     def jnp_path():
-        # TODO(scaffold): the hand-written VJP in jnp (f32 math, cast at the end).
+        # TODO(scaffold): the hand-written VJP in jnp (f32 math, cast each cotangent to its
+        # input's dtype); one cotangent per array input, in order.
         raise NotImplementedError("TODO(scaffold): {name} jnp backward")
 
     if uses_kernels(impl):
         from fusedvjp.kernels import {name} as kernels
 
-        return (run_kernel(impl, lambda: kernels.{name}_bwd(x, residuals, g), jnp_path, "{name}"),)
-    return (jnp_path(),)
+        kernel = functools.partial(kernels.{name}_bwd, {arrays}, residuals, g{kpass})
+        return tuple(run_kernel(impl, kernel, jnp_path, "{name}"))
+    return tuple(jnp_path())
 
 
 _{name}.defvjp(_{name}_fwd, _{name}_bwd)
 
 
-def {name}(x, *, impl="auto"):
+# --- public API ----------------------------------------------------------------------------
+
+
+def _check({arrays}) -> None:
+    check_float("x", x)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape [..., D] with D >= 1, got {{x.shape}}")
+    # TODO(scaffold): check every parameter's dtype and shape against x; name both shapes.
+
+
+def {name}({arrays}, *{psig}, impl="auto"):
     """TODO(scaffold): one line.
 
     Args:
-      x: TODO(scaffold) shapes.
-      impl: "auto", "pallas", "jnp" or "xla".
+      x: ``[..., D]`` floating input.
+{param_docs}      impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
-      TODO(scaffold).
+      TODO(scaffold): shape and dtype.
 
     Raises:
-      ValueError / TypeError: TODO(scaffold) what is checked.
+      ValueError / TypeError: TODO(scaffold): what is checked.
 
     Equivalent to: TODO(scaffold).
     """
-    x = jnp.asarray(x)
-    check_float("x", x)
-    # TODO(scaffold): check every argument's shape and dtype; name them in the error.
-    impl = resolve_impl(impl)
-    if impl == "xla":
-        return {name}_reference(x)
+    {asarrays}
+    _check({arrays})
+{opt_checks}    impl = resolve_impl(impl)
+{casts}    if impl == "xla":
+        return {name}_reference({arrays}{rpass})
     rows = math.prod(x.shape[:-1])
-    return _{name}(x.reshape(rows, x.shape[-1]), impl).reshape(x.shape)
+    x2 = x.reshape(rows, x.shape[-1])
+    # TODO(scaffold): reshape the output if it is not x-shaped.
+    return _{name}(x2{params_tail}, {opt_args}impl).reshape(x.shape)
 '''
 
 TEST_TEMPLATE = '''"""{name}: what the registry's generic tests do not cover.
@@ -198,46 +257,70 @@ The generic tests (forward and VJP of every impl against float64, interpret mode
 check_grads, GPU/TPU lowering) come from the registry entry in ops/registry.py.
 """
 
+import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import assert_close, float64_oracle, randn
 from fusedvjp import ops
+from fusedvjp.kernels import {name} as kernels
+from fusedvjp.ops import registry
 
 
 def test_bad_input_errors():
     # TODO(scaffold): one case per check in ops.{name}, matching the message.
     with pytest.raises(TypeError, match="x must be a floating-point array"):
-        ops.{name}(jnp.ones((2, 3), jnp.int32))
+        ops.{name}(jnp.ones((2, 3), jnp.int32){params_ones})
 
 
-# TODO(scaffold): the op's own semantics: edge values, options, kernel-level tests of
-# both backends in interpret mode with small block sizes that force ragged tails.
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_kernels_with_ragged_tails(backend, rng):
+    """Both backends in interpret mode, with small blocks that leave ragged tails."""
+    spec = registry.get("{name}")
+    args = spec.make_inputs(rng, (37, 300), jnp.float32)
+    # TODO(scaffold): block sizes legal for this backend that do not divide (37, 300).
+    block_sizes = kernels.{camel}BlockSizes(block_rows=8, block_cols=128)
+    out, residuals = kernels.{name}_fwd(*args, backend=backend, block_sizes=block_sizes)
+    g = randn(rng, out.shape, out.dtype)
+    grads = kernels.{name}_bwd(*args, residuals, g, backend=backend, block_sizes=block_sizes)
+
+    def ref(a, g):
+        o, f = jax.vjp(spec.reference, *a)
+        return o, f(g)
+
+    want_out, want_grads = float64_oracle(ref, args, g)
+    assert_close(out, want_out, jnp.float32)
+    for got, want in zip(grads, want_grads):
+        assert_close(got, want, jnp.float32)
+
+
+# TODO(scaffold): the op's own semantics: edge values, options, bf16 behaviour.
 '''
 
 REGISTRY_TEMPLATE = '''
 
-# --- {name}: shape (rows, cols) -- generated by fusedvjp.scaffold ---------------------------
+# --- {name}: shape (N, D) -- generated by fusedvjp.scaffold --------------------------------
 
 
 def _{name}_inputs(rng, shape, dtype):
-    # TODO(scaffold): random valid inputs (never zeros), as positional arrays of ops.{name}.
-    return (_normal(rng, shape, dtype),)
+    # TODO(scaffold): random valid inputs (never zeros), scaled to the interesting regime,
+    # as the positional arrays of ops.{name}: ({arrays}).
+    raise NotImplementedError("TODO(scaffold): make_inputs for {name}")
 
 
 def _{name}_abstract(shape, dtype):
-    return (jax.ShapeDtypeStruct(shape, dtype),)
+    # TODO(scaffold): the same inputs as jax.ShapeDtypeStruct.
+    raise NotImplementedError("TODO(scaffold): abstract_inputs for {name}")
 
 
 def _{name}_bytes(shape, dtype, mode):
-    # TODO(scaffold): the fewest bytes each mode must move (reads + writes).
-    rows, cols = shape
-    return (2 if mode == "fwd" else 5) * rows * cols * _itemsize(dtype)
+    # TODO(scaffold): the fewest bytes each mode ("fwd", "fwd+bwd") must read + write.
+    raise NotImplementedError("TODO(scaffold): bytes for {name}")
 
 
 def _{name}_flops(shape, dtype, mode):
     # TODO(scaffold): the flops each mode does.
-    rows, cols = shape
-    return (1 if mode == "fwd" else 3) * rows * cols
+    raise NotImplementedError("TODO(scaffold): flops for {name}")
 
 
 register(OpSpec(
@@ -246,13 +329,15 @@ register(OpSpec(
     reference=ops.{name}_reference,
     make_inputs=_{name}_inputs,
     abstract_inputs=_{name}_abstract,
-    diff_argnums=(0,),
+    diff_argnums={diff_argnums},
     test_shapes=((37, 784), (1, 1), (3, 1000)),
+    options=({options_dict},),
     bench_shapes={{"mnist": [(128, 512)], "llm": [(8192, 4096)]}},
+    # TODO(scaffold): include a shape that fits one block and one that needs several.
     lowering_shapes=(((128, 512), "f32"), ((8192, 4096), "bf16")),
     bytes=_{name}_bytes,
     flops=_{name}_flops,
-    shape_names=("rows", "cols"),
+    shape_names=("N", "D"),
 ))
 '''
 
@@ -267,10 +352,61 @@ def camel_case(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def scaffold(name: str, root: pathlib.Path) -> list[pathlib.Path]:
-    """Writes the skeleton files for op ``name`` under ``root``; returns the paths touched."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
-        raise ValueError(f"op name must be a lowercase Python identifier, got {name!r}")
+def _fragments(name: str, params: list[str], options: dict[str, str]) -> dict[str, str]:
+    """The signature pieces each template needs, for inputs ``x, *params`` and ``options``."""
+    arrays = ", ".join(["x", *params])
+    opt_names = list(options)
+    n_arrays = 1 + len(params)
+    return dict(
+        name=name,
+        camel=camel_case(name),
+        arrays=arrays,
+        refs_in=", ".join(f"{a}_ref" for a in ["x", *params]),
+        kopts="".join(f", {o}" for o in opt_names),
+        lopts="".join(f", {o}" for o in opt_names),
+        lsig="".join(f", {o}" for o in opt_names),
+        lpass="".join(f", {o}={o}" for o in opt_names),
+        kpass="".join(f", {o}={o}" for o in opt_names),
+        rsig="".join(f", *, {o}={d}" if i == 0 else f", {o}={d}" for i, (o, d) in enumerate(options.items())),
+        rpass="".join(f", {o}={o}" for o in opt_names),
+        psig="".join(f", {o}={d}" for o, d in options.items()),
+        opt_args="".join(f"{o}, " for o in opt_names),
+        nondiff=repr(tuple(range(n_arrays, n_arrays + len(opt_names) + 1))),
+        diff_argnums=repr(tuple(range(n_arrays))),
+        options_dict="{" + ", ".join(f'"{o}": {d}' for o, d in options.items()) + "}",
+        params_ones="".join(", jnp.ones((3,))" for _ in params),
+        params_tail="".join(f", {p}" for p in params),
+        asarrays="\n    ".join(f"{a} = jnp.asarray({a})" for a in ["x", *params]),
+        param_docs="".join(f"      {p}: TODO(scaffold) shape; cast to ``x.dtype``.\n" for p in params)
+        + "".join(f"      {o}: TODO(scaffold) (a concrete Python value; default {d}).\n" for o, d in options.items()),
+        opt_checks="".join(f"    {o} = check_static_float(\"{o}\", {o}, 0.0, math.inf)  # TODO(scaffold): its range (lo_open=?)\n"
+                           for o in opt_names),
+        casts="".join(f"    {p} = {p}.astype(x.dtype)  # autodiff returns its cotangent in its own dtype\n"
+                      for p in params),
+    )
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, default = item.partition("=")
+        if not sep or not key.isidentifier() or not default:
+            raise ValueError(f"an option is NAME=DEFAULT (a Python literal), got {item!r}")
+        options[key] = default
+    return options
+
+
+def scaffold(name: str, root: pathlib.Path, params: list[str] = (), options: dict[str, str] | None = None):
+    """Writes the skeleton files for op ``name(x, *params, **options)`` under ``root``.
+
+    Returns the paths written or appended to.
+    """
+    options = dict(options or {})
+    for ident in [name, *params, *options]:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", ident) or keyword.iskeyword(ident):
+            raise ValueError(f"names must be lowercase Python identifiers, got {ident!r}")
+    if len({name, "x", "impl", *params, *options}) != 3 + len(params) + len(options):
+        raise ValueError(f"names must differ from each other and from 'x' and 'impl': {[name, *params, *options]}")
     files = {
         root / "kernels" / f"{name}.py": KERNEL_TEMPLATE,
         root / "ops" / f"{name}.py": OPS_TEMPLATE,
@@ -282,22 +418,27 @@ def scaffold(name: str, root: pathlib.Path) -> list[pathlib.Path]:
     registry, init = root / "ops" / "registry.py", root / "ops" / "__init__.py"
     if f'name="{name}"' in registry.read_text():
         raise FileExistsError(f"{registry} already registers {name!r}")
+    fragments = _fragments(name, list(params), options)
     for path, template in files.items():
-        path.write_text(template.format(name=name, camel=camel_case(name)))
+        path.write_text(template.format(**fragments))
     with registry.open("a") as f:
-        f.write(REGISTRY_TEMPLATE.format(name=name))
+        f.write(REGISTRY_TEMPLATE.format(**fragments))
     with init.open("a") as f:
-        f.write(INIT_TEMPLATE.format(name=name))
+        f.write(INIT_TEMPLATE.format(**fragments))
     return [*files, registry, init]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m fusedvjp.scaffold", description=__doc__.splitlines()[0])
     p.add_argument("name", help="the op's name, a lowercase identifier, e.g. layer_norm")
+    p.add_argument("--params", default="", help="comma-separated array inputs after x, e.g. scale,bias")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=DEFAULT",
+                   help="a static keyword option and its default, e.g. eps=1e-6 (repeatable)")
     p.add_argument("--root", default=".", help="the repository root (holds kernels/, ops/, tests/)")
     args = p.parse_args(argv)
     try:
-        touched = scaffold(args.name, pathlib.Path(args.root))
+        params = [q for q in args.params.split(",") if q]
+        touched = scaffold(args.name, pathlib.Path(args.root), params, _parse_options(args.option))
     except (ValueError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     for path in touched:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
 
@@ -50,6 +51,21 @@ def check_backend(backend: str | None) -> None:
         raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKEND_NAMES} or None")
 
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# jax.default_backend() / AbstractDevice.platform -> lowering platforms.
+_LOWERING_PLATFORMS = {"cpu": ("cpu",), "gpu": ("cuda", "rocm"), "cuda": ("cuda",), "rocm": ("rocm",), "tpu": ("tpu",)}
+
+
+def _target_platforms() -> set[str]:
+    """The platforms this trace will most likely be lowered for: the default backend's,
+    and an abstract mesh's device (how the tests lower for an H100 or a TPU here)."""
+    targets = set(_LOWERING_PLATFORMS.get(jax.default_backend(), ()))
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None:
+        targets.update(_LOWERING_PLATFORMS.get(device.platform, ()))
+    return targets
+
+
 def platform_dispatch(
     impls: Mapping[str, Callable[..., Any]],
     *args: Any,
@@ -58,9 +74,16 @@ def platform_dispatch(
 ) -> Any:
     """Runs ``impls[name](*args, interpret=...)`` for the platform being lowered for.
 
+    Every platform's branch is traced (they are branches of one ``platform_dependent``),
+    so each candidate is first traced abstractly: a backend that raises
+    ``NotImplementedError`` for this case is skipped for its platform, and a platform
+    left with no backend gets no branch -- lowering for it then fails loudly. A refusal
+    on another platform (a TPU VMEM limit, say) must not take the kernel away from the
+    platform we run on.
+
     Args:
       impls: backend name -> implementation; each must return the same pytree of
-        shapes and dtypes (they are branches of one ``platform_dependent``).
+        shapes and dtypes on every platform.
       *args: arrays passed to the implementation.
       backend: ``None`` picks per platform (``BACKENDS`` order; CPU interprets
         ``DEFAULT_INTERPRET_BACKEND``); a name forces that backend on every platform
@@ -69,23 +92,11 @@ def platform_dispatch(
       op_name: used in messages.
 
     Raises:
-      NotImplementedError: every candidate backend of some platform refused the case
-        (with each one's reason). The ops layer decides whether to fall back to jnp.
+      NotImplementedError: every candidate backend refused the case on a platform this
+        trace targets (the default backend's, or an abstract mesh's), with each one's
+        reason. The ops layer decides whether to fall back to jnp.
     """
     check_backend(backend)
-
-    def branch(candidates: Sequence[str], interpret: bool, platform: str) -> Callable[..., Any]:
-        def run(*a):
-            reasons = []
-            for name in candidates:
-                try:
-                    return impls[name](*a, interpret=interpret)
-                except NotImplementedError as e:
-                    reasons.append(f"{name}: {e}")
-            why = "; ".join(reasons)
-            raise NotImplementedError(f"{op_name} has no Pallas kernel for this case on {platform}: {why}")
-
-        return run
 
     def candidates_for(platform: str) -> list[str]:
         if platform == "cpu":
@@ -96,14 +107,27 @@ def platform_dispatch(
             names = [b.name for b in BACKENDS if platform in b.platforms]
         return [n for n in names if n in impls]
 
-    branches = {}
-    for platform in ("cpu", "cuda", "rocm", "tpu"):
-        candidates = candidates_for(platform)
-        # A platform with no implementation gets no branch: lowering for it then fails
-        # with JAX's own "not supported on this platform" error.
-        if candidates:
-            label = "cpu (interpret mode)" if platform == "cpu" else platform
-            branches[platform] = branch(candidates, platform == "cpu", label)
+    specs = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in args]
+    branches, refusals = {}, {}
+    for platform in PLATFORMS:
+        reasons = []
+        for name in candidates_for(platform):
+            fn = functools.partial(impls[name], interpret=platform == "cpu")
+            try:
+                jax.eval_shape(fn, *specs)  # refusals are raised while tracing
+            except NotImplementedError as e:
+                reasons.append(f"{name}: {e}")
+                continue
+            branches[platform] = fn
+            break
+        if platform not in branches and reasons:
+            refusals[platform] = "; ".join(reasons)
+    blocking = {p: why for p, why in refusals.items() if p in _target_platforms()} or (
+        refusals if not branches else {}
+    )
+    if blocking:
+        why = "; ".join(f"on {p}: {r}" for p, r in blocking.items())
+        raise NotImplementedError(f"{op_name} has no Pallas kernel for this case {why}")
     if not branches:
         raise NotImplementedError(f"{op_name}: no implementation for backend {backend!r}")
     return jax.lax.platform_dependent(*args, **branches)

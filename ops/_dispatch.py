@@ -56,13 +56,12 @@ def check_float(name: str, x: jax.Array) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype} (shape {x.shape})")
 
 
-def check_static_float(name: str, value, lo: float, hi: float, *, hi_inclusive: bool = False) -> float:
-    """A hyperparameter that selects code paths must be a concrete Python number."""
+def check_static_float(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """A hyperparameter that selects code paths must be a concrete Python number in
+    ``[lo, hi)`` (``(lo, hi)`` with ``lo_open``)."""
     if isinstance(value, jax.core.Tracer):
         raise TypeError(f"{name} must be a concrete Python float, not a traced value")
     value = float(value)
-    ok = lo <= value <= hi if hi_inclusive else lo <= value < hi
-    if not ok:
-        bracket = "]" if hi_inclusive else ")"
-        raise ValueError(f"{name} must be in [{lo}, {hi}{bracket}, got {value}")
+    if not ((lo < value if lo_open else lo <= value) and value < hi):
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}), got {value}")
     return value

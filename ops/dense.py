@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from fusedvjp.ops._dispatch import check_float, resolve_impl, run_kernel, uses_kernels
 
 ACTIVATIONS = (None, "tanh")
-# f32 matmuls run at IEEE f32 precision on every path. XLA's default f32 dot on GPU is
-# TF32 and Triton's is IEEE; pinning HIGHEST keeps the reference, the jnp path and the
-# kernels comparable (and the benchmark like with like).
+# f32 matmuls run at IEEE f32 precision on every path. The default f32 dot is TF32 both
+# in XLA on GPU and in the Pallas Triton lowering (which maps only HIGHEST to "ieee"), and
+# single-pass bf16 on TPU; pinning HIGHEST everywhere keeps the reference, the jnp path and
+# the kernels comparable, and the benchmark like with like.
 PRECISION = jax.lax.Precision.HIGHEST
 
 

@@ -1,0 +1,251 @@
+"""Reporting: speedups, targets, the stdout table, results.json / results.md / roofline.png."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+
+from fusedvjp.bench import cases as cases_lib
+from fusedvjp.bench.roofline import Roofline
+from fusedvjp.ops import registry
+
+XENT = "softmax_cross_entropy_with_integer_labels"
+
+
+def case_key(row: dict) -> tuple:
+    """(op, shape, dtype, mode): the rows of one case, one per impl, share it."""
+    return row["op"], tuple(row["shape"]), row["dtype"], row["mode"]
+
+
+def add_speedups(rows: Sequence[dict]) -> None:
+    """Sets ``speedup_vs_xla = xla median / row median`` on each row (None without an xla time)."""
+    xla = {case_key(r): r["median_ms"] for r in rows if r["impl"] == "xla" and r.get("median_ms")}
+    for r in rows:
+        base = xla.get(case_key(r))
+        r["speedup_vs_xla"] = base / r["median_ms"] if base and r.get("median_ms") else None
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal the table is judged against (for the fused impl, on a GPU).
+
+    ``metric``: ``"speedup"`` (speedup_vs_xla >= threshold), ``"floor"`` (median over the
+    memory floor ``bytes / hbm bandwidth`` <= threshold) or ``"matmul_rate"`` (achieved
+    TFLOP/s over the measured matmul rate of the dtype >= threshold).
+    """
+
+    description: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    mode: str
+    metric: str
+    threshold: float
+    impl: str = "pallas"
+
+
+def targets() -> list[Target]:
+    """The targets, with shapes taken from the registry (bf16, fwd+bwd, impl pallas)."""
+    out = []
+    for shape in registry.get(XENT).bench_shapes["llm"]:
+        if shape[1] >= 32768:
+            out.append(Target("xent fwd+bwd >= 2x xla", XENT, tuple(shape), "bf16", "fwd+bwd", "speedup", 2.0))
+            out.append(Target("xent fwd+bwd within 1.25x of the 2-reads-1-write floor", XENT, tuple(shape),
+                              "bf16", "fwd+bwd", "floor", 1.25))
+    dense = registry.get("dense_tanh").bench_shapes
+    for shape in (*dense["mnist"], *dense["llm"]):
+        out.append(Target("dense_tanh fwd+bwd >= 1.0x xla", "dense_tanh", tuple(shape), "bf16", "fwd+bwd",
+                          "speedup", 1.0))
+    for shape in dense["llm"]:
+        out.append(Target("dense_tanh fwd+bwd >= 60% of the measured bf16 matmul rate", "dense_tanh",
+                          tuple(shape), "bf16", "fwd+bwd", "matmul_rate", 0.6))
+    out.append(Target("mnist_train_step >= 1.0x xla", cases_lib.TRAIN_STEP, cases_lib.TRAIN_STEP_SHAPE, "bf16",
+                      "fwd+bwd", "speedup", 1.0))
+    return out
+
+
+def evaluate(target: Target, rows: Sequence[dict], roof: Roofline) -> dict:
+    """Judges one target: ``{"status": "met" | "missed" | "not measured", "ratio", "detail"}``."""
+    key = (target.op, target.shape, target.dtype, target.mode)
+    row = next((r for r in rows if case_key(r) == key and r["impl"] == target.impl), None)
+    if row is None or not row.get("median_ms"):
+        why = f" ({row['error'][:80]})" if row is not None and row.get("error") else ""
+        return {"status": "not measured", "ratio": None, "detail": "not measured" + why}
+    if target.metric == "speedup":
+        ratio = row.get("speedup_vs_xla")
+        if ratio is None:
+            return {"status": "not measured", "ratio": None, "detail": "not measured (no xla row)"}
+        met, shown, need = ratio >= target.threshold, f"{ratio:.2f}x xla", f">= {target.threshold:g}x"
+    elif target.metric == "floor":
+        ratio = row["median_ms"] / (row["bytes"] / (roof.hbm_gbps * 1e9) * 1e3)
+        met, shown, need = ratio <= target.threshold, f"{ratio:.2f}x the floor", f"<= {target.threshold:g}x"
+    elif target.metric == "matmul_rate":
+        ratio = row["flops"] / (row["median_ms"] * 1e-3) / 1e12 / roof.peak_tflops(target.dtype)
+        met, shown, need = ratio >= target.threshold, f"{100 * ratio:.0f}% of the rate", \
+            f">= {100 * target.threshold:.0f}%"
+    else:
+        raise ValueError(f"unknown target metric {target.metric!r}")
+    status = "met" if met else "missed"
+    return {"status": status, "ratio": ratio, "detail": f"{status} ({shown}" + ("" if met else f"; needs {need}") + ")"}
+
+
+# --- text -----------------------------------------------------------------------------------
+
+COLUMNS = ("speedup", "op", "shape", "dtype", "mode", "impl", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s",
+           "% roof", "bound", "compile s", "temp MiB")
+
+
+def _cells(r: dict) -> list[str]:
+    def num(v, fmt):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    common = [cases_lib.short_name(r["op"]), "x".join(map(str, r["shape"])), r["dtype"], r["mode"], r["impl"]]
+    if not r.get("median_ms"):
+        return ["-", *common, "error: " + (r.get("error") or "no time")[:70]] + [""] * 7
+    speedup = r.get("speedup_vs_xla")
+    return [
+        "-" if speedup is None else f"{speedup:.2f}x", *common,
+        num(r["median_ms"], ".4g"), f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", num(r.get("gbps"), ".1f"),
+        num(r.get("tflops"), ".3g"), num(r.get("pct_of_roofline"), ".0f"), r.get("bound", "-"),
+        num(r.get("compile_s"), ".2f"), num(r["peak_temp_bytes"] / 2**20, ".1f"),
+    ]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table, one row per (case, impl), the speedup over xla first."""
+    body = [_cells(r) for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.rjust(w) if i == 0 else c.ljust(w) for i, (c, w) in enumerate(zip(COLUMNS, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    prev = None
+    for r, cells in zip(rows, body):
+        if prev is not None and case_key(r) != prev:
+            lines.append("")
+        prev = case_key(r)
+        lines.append("  ".join(c.rjust(w) if i == 0 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                     .rstrip())
+    return "\n".join(lines)
+
+
+def format_targets(doc: dict, markdown: bool = False) -> str:
+    """One line per target: met / missed (with the measured ratio) / not measured."""
+    roof = Roofline(**doc["roofline"])
+    lines = []
+    if markdown:
+        lines += ["| target | op, shape, dtype | result |", "| --- | --- | --- |"]
+    for t in targets():
+        result = evaluate(t, doc["results"], roof)
+        where = f"{cases_lib.short_name(t.op)} {'x'.join(map(str, t.shape))} {t.dtype}"
+        lines.append(f"| {t.description} | {where} | {result['detail']} |" if markdown
+                     else f"  {result['detail']:<42} {t.description}  [{where}]")
+    if doc["platform"] == "cpu":
+        lines += ["", "The targets apply to GPU only: these are CPU numbers (Pallas in interpret mode), "
+                     "which say nothing about speed."]
+    return "\n".join(lines)
+
+
+def header(doc: dict) -> str:
+    """Two lines: the device and the measured ceilings."""
+    r = doc["roofline"]
+    return (f"{doc['device']} ({doc['platform']}), jax {doc['jax_version']}, {doc['date']}\n"
+            f"measured ceilings: copy {r['hbm_gbps']:.1f} GB/s, bf16 matmul {r['bf16_tflops']:.3g} TFLOP/s, "
+            f"f32 matmul (HIGHEST) {r['f32_tflops']:.3g} TFLOP/s")
+
+
+def summary(doc: dict) -> str:
+    """Header, table and targets: what the CLI prints last."""
+    legend = ", ".join(f"{a} = {n}" for a, n in cases_lib.ALIASES.items())
+    return "\n".join([header(doc), f"speedup = xla median / impl median; {legend}", "",
+                      format_table(doc["results"]), "", "targets (GPU, bf16, impl pallas):", format_targets(doc)])
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _markdown(doc: dict, notes: Sequence[str]) -> str:
+    md_cols = [c if c != "p20-p80 ms" else "p20–p80 ms" for c in COLUMNS]
+    lines = ["# fusedvjp benchmark", "", header(doc).replace("\n", "  \n"), "", *[f"- {n}" for n in notes], "",
+             "## Results", "", "| " + " | ".join(md_cols) + " |", "|" + " --- |" * len(md_cols)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in doc["results"]]
+    lines += ["", "## Targets (GPU, bf16, impl pallas)", "", format_targets(doc, markdown=True)]
+    errors = [r for r in doc["results"] if r.get("error")]
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"- {r['op']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['mode']} {r['impl']}: "
+                  f"`{r['error']}`" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj):
+    """Strict JSON: non-finite floats become null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def plot_roofline(doc: dict, path: pathlib.Path) -> None:
+    """Log-log arithmetic intensity vs achieved TFLOP/s under the measured ceilings, one panel per impl.
+
+    Panels side by side (pallas, xla, jnp) on shared axes; colour = op, marker = mode,
+    filled = bf16, hollow = f32; each point is labelled with its shape.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    roof = Roofline(**doc["roofline"])
+    rows = [r for r in doc["results"] if r.get("median_ms") and r["bytes"] > 0 and r["flops"] > 0]
+    impls = [i for i in ("pallas", "xla", "jnp") if any(r["impl"] == i for r in rows)] or ["pallas"]
+    impls += sorted({r["impl"] for r in rows} - set(impls))
+    fig, axes = plt.subplots(1, len(impls), figsize=(6 * len(impls), 5.5), sharex=True, sharey=True, squeeze=False)
+    intensities = [r["flops"] / r["bytes"] for r in rows] or [1.0]
+    ridge = roof.bf16_tflops * 1e3 / roof.hbm_gbps
+    ai = np.geomspace(min(min(intensities), ridge) / 4, max(max(intensities), ridge) * 4, 200)
+    colors = {op: f"C{i % 10}" for i, op in enumerate(dict.fromkeys(r["op"] for r in rows))}
+    markers = {"fwd+bwd": "o", "fwd": "^"}
+    for ax, impl in zip(axes[0], impls):
+        for name, peak, style in (("bf16", roof.bf16_tflops, "-"), ("f32 HIGHEST", roof.f32_tflops, "--")):
+            ax.plot(ai, np.minimum(ai * roof.hbm_gbps / 1e3, peak), "k" + style, lw=1,
+                    label=f"ceiling {name}: {roof.hbm_gbps:.0f} GB/s, {peak:.3g} TFLOP/s")
+        for r in (r for r in rows if r["impl"] == impl):
+            x, y = r["flops"] / r["bytes"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12
+            color = colors[r["op"]]
+            ax.plot(x, y, markers.get(r["mode"], "x"), color=color, ms=7,
+                    mfc=color if r["dtype"] == "bf16" else "none")
+            ax.annotate("x".join(map(str, r["shape"])), (x, y), fontsize=6, xytext=(4, 2), textcoords="offset points")
+        ax.set(xscale="log", yscale="log", title=impl, xlabel="arithmetic intensity (flop / byte)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("achieved TFLOP/s")
+    for op, color in colors.items():
+        axes[0][-1].plot([], [], "s", color=color, label=cases_lib.short_name(op))
+    for mode, marker in markers.items():
+        axes[0][-1].plot([], [], marker, color="0.3", label=mode)
+    axes[0][-1].plot([], [], "o", color="0.3", label="bf16 (filled)")
+    axes[0][-1].plot([], [], "o", color="0.3", mfc="none", label="f32 (hollow)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Roofline: {doc['device']} ({doc['platform']}), jax {doc['jax_version']}, {doc['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(doc: dict, out_dir: str | pathlib.Path, notes: Sequence[str] = (), plot: bool = True) -> None:
+    """Writes ``results.json``, ``results.md`` and (with ``plot``) ``roofline.png`` to ``out_dir``."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    (out / "results.md").write_text(_markdown(doc, notes))
+    if plot:
+        plot_roofline(doc, out / "roofline.png")

@@ -1,0 +1,171 @@
+"""Layer normalization over the last axis, with a hand-written VJP.
+
+Per row ``x`` of length D (f32 math)::
+
+    mean = sum(x) / D        var = sum((x - mean)**2) / D      (biased)
+    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    y    = xhat * scale + bias
+
+The VJP, Jacobian first. ``y`` depends on ``x`` only through ``xhat``, and with
+``dxhat = g * scale`` (the diagonal ``dy/dxhat = diag(scale)``) what is left is the
+Jacobian of ``xhat`` w.r.t. ``x`` for one row::
+
+    d xhat_i / d x_j = rstd * (delta_ij - 1/D - xhat_i xhat_j / D)
+
+(``d mean / d x_j = 1/D``; ``d rstd / d x_j = -rstd**3 (x_j - mean) / D = -rstd xhat_j / D``.)
+It is the identity minus two rank-one terms, symmetric, so its VJP needs two per-row
+dot products and no D x D matrix::
+
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+``scale`` and ``bias`` are shared by all rows, so their cotangents are column sums:
+``dscale = sum_rows(g * xhat)``, ``dbias = sum_rows(g)``.
+
+Residuals: ``x``, ``scale`` and the f32 ``mean`` and ``rstd`` per row. ``mean`` and ``rstd``
+are [N] vectors (8 bytes per row against ``D * itemsize`` for a row of ``x``), and with
+them the backward recomputes ``xhat = (x - mean) * rstd`` elementwise from the ``x`` it
+reads anyway, without a second reduction over each row -- so no [N, D] ``xhat`` is kept
+between the passes. They stay f32: rounding ``rstd`` to bf16 would put a relative error of
+up to 2**-9 into every ``xhat`` and ``dx``. ``bias`` is not needed (``dbias`` is ``sum g``).
+
+With D = 1, ``x - mean = 0``: ``y = bias``, ``dx = 0``, ``dscale = 0``, ``dbias = sum g``,
+all finite (``eps > 0`` keeps ``rstd`` finite).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
+
+
+def layer_norm_reference(x, scale, bias, *, eps=1e-6):
+    """The ``impl="xla"`` path: plain jnp, differentiated by JAX's autodiff.
+
+    Equivalent to: ``((x - mean) * rsqrt(var + eps) * scale + bias).astype(x.dtype)`` over
+    the last axis, with mean and the biased var in f32.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    y = xc * lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# --- custom_vjp: primal and forward rule share _forward ------------------------------------
+
+
+def _forward(x, scale, bias, eps, impl, return_residuals):
+    """x [N, D], scale and bias [D] in x's dtype -> y [N, D] (+ residuals)."""
+
+    def jnp_path():
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1)
+        xc = x32 - mean[:, None]
+        rstd = lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)
+        y = xc * rstd[:, None] * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(x.dtype), (mean, rstd)
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import layer_norm as kernels
+
+        kernel = functools.partial(kernels.layer_norm_fwd, x, scale, bias, eps=eps)
+        y, (mean, rstd) = run_kernel(impl, kernel, jnp_path, "layer_norm")
+    else:
+        y, (mean, rstd) = jnp_path()
+    # x and scale are read again by the backward; mean and rstd (f32 [N]) rebuild xhat.
+    return (y, (x, scale, mean, rstd)) if return_residuals else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, impl):
+    return _forward(x, scale, bias, eps, impl, return_residuals=False)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, impl):
+    return _forward(x, scale, bias, eps, impl, return_residuals=True)
+
+
+def _layer_norm_bwd(eps, impl, residuals, g):
+    del eps  # rstd already holds it
+    x, scale, mean, rstd = residuals
+
+    def jnp_path():
+        d = x.shape[-1]
+        g32 = g.astype(jnp.float32)
+        xhat = (x.astype(jnp.float32) - mean[:, None]) * rstd[:, None]
+        dxhat = g32 * scale.astype(jnp.float32)
+        c1 = jnp.sum(dxhat * xhat, axis=-1, keepdims=True) / d
+        c2 = jnp.sum(dxhat, axis=-1, keepdims=True) / d
+        dx = rstd[:, None] * (dxhat - c2 - xhat * c1)
+        dscale = jnp.sum(g32 * xhat, axis=0)
+        dbias = jnp.sum(g32, axis=0)
+        # scale and bias have x's dtype here (the public function casts them).
+        return dx.astype(x.dtype), dscale.astype(x.dtype), dbias.astype(x.dtype)
+
+    if uses_kernels(impl):
+        from fusedvjp.kernels import layer_norm as kernels
+
+        kernel = functools.partial(kernels.layer_norm_bwd, x, scale, mean, rstd, g)
+        return run_kernel(impl, kernel, jnp_path, "layer_norm")
+    return jnp_path()
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def _check(x, scale, bias) -> None:
+    check_float("x", x)
+    check_float("scale", scale)
+    check_float("bias", bias)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape [..., D] with D >= 1, got {x.shape}")
+    d = x.shape[-1]
+    for name, p in (("scale", scale), ("bias", bias)):
+        if p.shape != (d,):
+            raise ValueError(f"{name} must have shape (D,) = ({d},) to match x {x.shape}, got {p.shape}")
+
+
+def layer_norm(x, scale, bias, *, eps=1e-6, impl="auto"):
+    """Layer normalization over the last axis, with a hand-written backward pass.
+
+    Args:
+      x: ``[..., D]`` floating input.
+      scale: ``[D]`` multiplier (gamma). Cast to ``x.dtype``.
+      bias: ``[D]`` offset (beta). Cast to ``x.dtype``.
+      eps: a concrete Python float > 0, added to the variance.
+      impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` or ``"xla"``.
+
+    Returns:
+      ``[..., D]`` in ``x.dtype``; mean, variance and the affine map are computed in f32.
+
+    Raises:
+      TypeError: non-float ``x``, ``scale`` or ``bias``; a traced ``eps``.
+      ValueError: ``scale`` or ``bias`` not of shape ``(D,)``, ``D == 0``, ``eps`` not a
+        finite number > 0, unknown ``impl``.
+
+    Equivalent to: ``(x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + eps)
+    * scale + bias``, in f32, cast to ``x.dtype``.
+    """
+    x, scale, bias = jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
+    _check(x, scale, bias)
+    eps = check_static_float("eps", eps, 0.0, math.inf, lo_open=True)  # > 0 keeps rstd finite
+    impl = resolve_impl(impl)
+    # Mixed precision as in ops.dense: the parameters are cast to the activation dtype
+    # outside the custom_vjp, so autodiff returns their cotangents in their own dtype.
+    scale, bias = scale.astype(x.dtype), bias.astype(x.dtype)
+    if impl == "xla":
+        return layer_norm_reference(x, scale, bias, eps=eps)
+    rows = math.prod(x.shape[:-1])
+    y = _layer_norm(x.reshape(rows, x.shape[-1]), scale, bias, eps, impl)
+    return y.reshape(x.shape)
