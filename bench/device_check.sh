@@ -75,7 +75,8 @@ if ! stage install 120 "$PY" -m pip install --no-deps --no-build-isolation -q -e
 fi
 
 # --- tests on the GPU --------------------------------------------------------------------
-PYTEST_ARGS=(-q -m "not slow" -p no:cacheprovider)
+# The TPU kernels' interpret-mode tests are CI's job (they would run on the CPU here).
+PYTEST_ARGS=(-q -m "not slow" -k "not mosaic_tpu" -p no:cacheprovider)
 has pytest_benchmark || PYTEST_ARGS+=(-p no:benchmark)
 for mod in optax hypothesis; do
   if ! has "$mod"; then

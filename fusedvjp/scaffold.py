@@ -50,12 +50,7 @@ class {camel}BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("block_rows", "block_cols", "num_warps", "num_stages"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{camel}BlockSizes.{{field}} must be a positive int, got {{value!r}}")
-        if not _common.is_power_of_two(self.num_warps):
-            raise ValueError(f"{camel}BlockSizes.num_warps must be a power of two, got {{self.num_warps}}")
+        _common.validate_block_fields(self, ("block_rows", "block_cols", "num_warps", "num_stages"))
 
     @classmethod
     def default(cls, rows: int, cols: int, dtype, backend: str) -> "{camel}BlockSizes":

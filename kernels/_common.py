@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 
@@ -188,3 +189,28 @@ def is_power_of_two(n: int) -> bool:
 
 def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def tpu_interpret(interpret: bool):
+    """The ``interpret=`` argument of a Mosaic TPU ``pallas_call``.
+
+    ``pltpu.InterpretParams()``, not ``interpret=True``: the TPU interpreter simulates
+    VMEM, the block pipeline and its DMAs, fills uninitialised memory and reads past an
+    edge with NaN, and raises on an output block revisited out of order (which the
+    dense dW+db kernel's resident db block relies on). ``interpret=True`` would run the
+    generic interpreter, which checks none of that.
+    """
+    return pltpu.InterpretParams() if interpret else False
+
+
+def validate_block_fields(obj: Any, fields: tuple[str, ...]) -> None:
+    """For a block-size dataclass's ``__post_init__``: every field a positive int, and
+    ``num_warps`` (if present) a power of two. Errors name the class, field and value."""
+    cls = type(obj).__name__
+    for field in fields:
+        value = getattr(obj, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{cls}.{field} must be a positive int, got {value!r}")
+    warps = getattr(obj, "num_warps", None)
+    if warps is not None and not is_power_of_two(warps):
+        raise ValueError(f"{cls}.num_warps must be a power of two, got {warps}")

@@ -91,12 +91,7 @@ class DenseBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DenseBlockSizes.{name} must be a positive int, got {value!r}")
-        if not _common.is_power_of_two(self.num_warps):
-            raise ValueError(f"DenseBlockSizes.num_warps must be a power of two, got {self.num_warps}")
+        _common.validate_block_fields(self, ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
 
     @classmethod
     def default(cls, m: int, n: int, k: int, dtype, backend: str) -> DenseBlockSizes:
@@ -497,15 +492,6 @@ def _tpu_dw_kernel(x_ref, g_ref, *refs, has_act, has_bias, m_size):
                 db_ref[...] = db_acc_ref[...].astype(db_ref.dtype)
 
 
-def _tpu_interpret(interpret: bool):
-    # pltpu.InterpretParams, not interpret=True: TPU interpret mode simulates VMEM, the
-    # block pipeline and its DMAs, fills uninitialised memory (and reads past an edge)
-    # with NaN, and raises on an output block revisited out of order -- the property
-    # the dW+db kernel's resident db block relies on. interpret=True would run the
-    # generic interpreter, which knows none of that.
-    return pltpu.InterpretParams() if interpret else False
-
-
 def _tpu_fwd(x, w, *b, activation, block_sizes, interpret):
     m, k = x.shape
     n = w.shape[1]
@@ -527,7 +513,7 @@ def _tpu_fwd(x, w, *b, activation, block_sizes, interpret):
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_dense_fwd",
     )(x, w, *b)
 
@@ -549,7 +535,7 @@ def _tpu_bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         out_specs=pl.BlockSpec((bm, bk), lambda i, kb, nb: (i, kb)),
         scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_dense_bwd_dx",
     )(g, *a, w)
 
@@ -571,7 +557,7 @@ def _tpu_bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         out_specs=out_specs,
         scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", k_semantics, "arbitrary")),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_dense_bwd_dw_db",
     )(x, g, *a)
     return dx, dw, (db[0].reshape(n) if has_bias else None)

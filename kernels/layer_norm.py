@@ -86,12 +86,7 @@ class LayerNormBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("block_rows", "block_cols", "num_warps", "num_stages"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LayerNormBlockSizes.{field} must be a positive int, got {value!r}")
-        if not _common.is_power_of_two(self.num_warps):
-            raise ValueError(f"LayerNormBlockSizes.num_warps must be a power of two, got {self.num_warps}")
+        _common.validate_block_fields(self, ("block_rows", "block_cols", "num_warps", "num_stages"))
 
     @classmethod
     def default(cls, rows: int, cols: int, dtype, backend: str) -> LayerNormBlockSizes:
@@ -338,13 +333,6 @@ def _triton_bwd(x, scale, mean, rstd, g, *, block_sizes, interpret):
 # set to 0 with jnp.where first.
 
 
-def _tpu_interpret(interpret: bool):
-    # pltpu.InterpretParams() runs the TPU interpreter (grid steps, VMEM blocks, NaN for
-    # uninitialised memory and edge blocks); interpret=True would run the generic one,
-    # which also works here but checks less of what a TPU does.
-    return pltpu.InterpretParams() if interpret else False
-
-
 def _tpu_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps):
     """Grid (cdiv(N, block_rows),). Tiles: x, y [block_rows, D]; scale, bias [1, D];
     mean, rstd [block_rows, 1]."""
@@ -406,7 +394,7 @@ def _tpu_fwd(x, scale, bias, *, eps, block_sizes, interpret):
         out_specs=[rows, row_stat, row_stat],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         cost_estimate=_cost(x, backward=False),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_layer_norm_fwd",
     )(x, scale.reshape(1, d), bias.reshape(1, d))
     return y, (mean.reshape(n), rstd.reshape(n))
@@ -430,7 +418,7 @@ def _tpu_bwd(x, scale, mean, rstd, g, *, block_sizes, interpret):
         # Each program writes only its own partial row, so the row axis stays parallel.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         cost_estimate=_cost(x, backward=True),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_layer_norm_bwd",
     )(x, scale.reshape(1, d), mean.reshape(n, 1), rstd.reshape(n, 1), g)
     return dx, *_finish_column_sums(dscale, dbias, x.dtype)

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from . import _common
+from fusedvjp.kernels import _common
 
 _OP_NAME = "softmax_cross_entropy"
 _LOGIT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -67,12 +67,7 @@ class CrossEntropyBlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("block_n", "block_v", "num_warps", "num_stages"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CrossEntropyBlockSizes.{field} must be a positive int, got {value!r}")
-        if not _common.is_power_of_two(self.num_warps):
-            raise ValueError(f"CrossEntropyBlockSizes.num_warps must be a power of two, got {self.num_warps}")
+        _common.validate_block_fields(self, ("block_n", "block_v", "num_warps", "num_stages"))
 
     @classmethod
     def default(cls, n: int, v: int, dtype, backend: str) -> CrossEntropyBlockSizes:
@@ -388,15 +383,6 @@ def _bwd_triton(logits, labels, where, lse, g, *label_sum, interpret, block_size
 # launchers reshape them to [N].
 
 
-def _tpu_interpret(interpret: bool):
-    # In jax 0.11 pltpu.InterpretParams() selects the TPU interpreter, the documented
-    # interpret mode for Mosaic TPU kernels: it simulates VMEM/HBM, NaN-fills
-    # uninitialised memory and edge blocks, and raises on out-of-bounds reads.
-    # interpret=True would run the generic Pallas interpreter instead, which also runs
-    # these kernels (about 2x faster on CPU) but models none of the TPU's memory.
-    return pltpu.InterpretParams() if interpret else False
-
-
 def _fwd_kernel_tpu(
     logits_ref,
     labels_ref,
@@ -521,7 +507,7 @@ def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, 
         scratch_shapes=[pltpu.VMEM((bs.block_n, 1), jnp.float32) for _ in range(4)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=_cost(logits, labels, backward=False),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_xent_fwd",
     )(logits, labels if prob_labels else _column(labels), _column(where))
     return loss.reshape(n), lse.reshape(n)
@@ -550,7 +536,7 @@ def _bwd_tpu(logits, labels, where, lse, g, *label_sum, interpret, block_sizes, 
         out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         cost_estimate=_cost(logits, labels, backward=True),
-        interpret=_tpu_interpret(interpret),
+        interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_xent_bwd",
     )(
         logits,

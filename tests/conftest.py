@@ -94,6 +94,19 @@ def rng(request) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(autouse=True)
+def _tpu_kernels_run_interpreted_off_tpu(request):
+    """A test that names backend="mosaic_tpu" runs the TPU kernel interpreted on the CPU
+    device when the default backend is not a TPU (on a GPU machine it would otherwise
+    try to compile the Mosaic kernel for CUDA)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec and callspec.params.get("backend") == "mosaic_tpu" and jax.default_backend() != "tpu":
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    else:
+        yield
+
+
 def randn(rng: np.random.Generator, shape, dtype, scale: float = 1.0) -> jax.Array:
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
 
