@@ -78,27 +78,28 @@ def test_check_grads_jnp_path(spec, rng):
     shape = tuple(min(d, 8) for d in spec.test_shapes[0])
     args = spec.make_inputs(rng, shape, jnp.float32)
     diff, rebuild = _split(spec, args)
-    options = spec.options[-1]
-    f = lambda *d: spec.fn(*rebuild(*d), impl="jnp", **options)  # noqa: E731
-    check_grads(f, diff, order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
+    for options in spec.options:
+        f = lambda *d: spec.fn(*rebuild(*d), impl="jnp", **options)  # noqa: E731
+        check_grads(f, diff, order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
 def _lowering_cases():
     for spec in SPECS:
         for shape, dname in spec.lowering_shapes:
-            for platform in ("cuda", "tpu"):
-                yield pytest.param(spec, shape, dname, platform,
-                                   id=f"{spec.name}-{'x'.join(map(str, shape))}-{dname}-{platform}")
+            for i, options in enumerate(spec.options):
+                for platform in ("cuda", "tpu"):
+                    yield pytest.param(spec, shape, dname, options, platform,
+                                       id=f"{spec.name}-{'x'.join(map(str, shape))}-{dname}-opt{i}-{platform}")
 
 
-@pytest.mark.parametrize("spec,shape,dname,platform", list(_lowering_cases()))
-def test_vjp_lowers_to_the_kernel(spec, shape, dname, platform, rng):
+@pytest.mark.parametrize("spec,shape,dname,options,platform", list(_lowering_cases()))
+def test_vjp_lowers_to_the_kernel(spec, shape, dname, options, platform):
     """jax.grad through the op with impl="pallas" lowers for an abstract H100/TPU with the kernel inside."""
     dtype = DTYPES[dname]
     args = spec.abstract_inputs(shape, dtype)
 
     def loss(*a):
-        return jnp.mean(spec.fn(*a, impl="pallas").astype(jnp.float32))
+        return jnp.mean(spec.fn(*a, impl="pallas", **options).astype(jnp.float32))
 
     text = lower_for(platform, jax.grad(loss, argnums=spec.diff_argnums), *args)
     # At least one forward and one backward kernel; nothing interpreted or jnp.
