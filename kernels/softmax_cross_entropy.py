@@ -1,9 +1,18 @@
 """Fused softmax cross-entropy: Pallas forward and backward kernels.
 
 Per row ``x = logits[i]`` (``V`` classes) the forward makes ONE pass over the row in
-vocab blocks with an online max/sum and returns the loss and the f32 logsumexp; the
-probabilities are never written. The backward makes one pass that recomputes
-``p = exp(x - lse)`` blockwise and writes ``dlogits``.
+vocab blocks with an online max/sum and returns the loss and the row's logsumexp split in
+two f32 numbers, ``lse = m + log_s`` with ``m = max_j x_j`` and ``log_s = log sum_j exp(x_j
+- m)``; the probabilities are never written. The backward makes one pass that recomputes
+``p = exp((x - m) - log_s)`` blockwise and writes ``dlogits``.
+
+Why the split and not ``lse`` itself: ``lse`` rounded to f32 is off by up to
+``2**-24 |lse|`` (6e-4 at ``|x| ~ 1e4``), and every ``p = exp(x - lse)`` inherits that as
+relative error -- far worse than optax's f32 gradient, which divides ``exp(x - m)`` by
+its sum. ``m`` is one of the logits, so ``x - m`` is exact (Sterbenz) for ``x`` within a
+factor 2 of ``m`` and otherwise off by at most ``2**-24 (m - x)``, which moves
+``p <= exp(-(m - x))`` by at most ``2**-24 / e`` absolute; ``log_s`` lies in
+``[0, log V]``, so its rounding is ~1e-6 absolute. ``p`` is then as accurate as optax's.
 
 Recompute versus saving the gradient: this design moves 2 reads + 1 write of ``[N, V]``
 over forward and backward (forward reads ``x``; backward reads ``x`` and writes ``dx``).
@@ -123,7 +132,8 @@ class CrossEntropyBlockSizes:
 # Online logsumexp: with r the running max, sum_j exp(x_j) = exp(r) * s. A block whose max
 # raises r to r' rescales s' = s * exp(r - r') + sum_blk exp(x - r'). While every entry
 # seen is -inf the shift r is taken as 0, not -inf, so no -inf - -inf = NaN appears and s
-# stays 0; lse = r + log(s) is then -inf.
+# stays 0; lse = r + log(s) is then -inf. The residual is (r, log(s)): r is one of the
+# logits (or 0), so x - r is exact where it matters (see the module docstring).
 
 
 def _shift(m):
@@ -180,7 +190,7 @@ def _prob_label_step(state, x, t, valid):
 
 
 def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
-    """Returns (loss, lse) [block_n, 1] from the final state.
+    """Returns (loss, row_max, log_sum) [block_n, 1] from the final state.
 
     lse - (1-a) x[y] - (a/V) sum_j x_j = log(s) + (1-a) (r - x[y]) + (a/V) sum_j (r - x_j),
     and for probability labels lse sum(t) - sum(t x) = sum(t) log(s) + sum_j t_j (r - x_j):
@@ -201,24 +211,27 @@ def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
         if z_loss:
             loss = loss + z_loss * lse * lse
         loss = jnp.where((label >= 0) & (label < v), loss, jnp.nan)
-    return jnp.where(row_on, loss, 0.0), lse
+    return jnp.where(row_on, loss, 0.0), r, log_s
 
 
-def _grad_tile(x, cols, lse, g, row_on, label_or_t, label_sum, *, v, label_smoothing, z_loss, prob_labels):
+def _grad_tile(
+    x, cols, row_max, log_sum, g, row_on, label_or_t, label_sum, *, v, label_smoothing, z_loss, prob_labels
+):
     """dlogits tile in f32 (cast once by the caller).
 
-    d loss / dx_j = sum(t) p_j - t_j, p = exp(x - lse); the z-loss s lse^2 adds
-    2 s lse p_j. Integer labels: sum(t) = 1 and t_j = (1-a) [j == y] + a/V, built from
-    the column index, so d = p (1 + 2 s lse) - t.
+    d loss / dx_j = sum(t) p_j - t_j, p = exp((x - m) - log_s); the z-loss s lse^2 adds
+    2 s lse p_j (lse = m + log_s; its f32 rounding is 2**-24 relative there, harmless).
+    Integer labels: sum(t) = 1 and t_j = (1-a) [j == y] + a/V, built from the column
+    index, so d = p (1 + 2 s lse) - t.
     """
-    p = jnp.exp(x - lse)
+    p = jnp.exp((x - row_max) - log_sum)
     if prob_labels:
         d = p * label_sum - label_or_t
     else:
         label = label_or_t
         off = label_smoothing / v
         target = jnp.where(cols == label, (1.0 - label_smoothing) + off, off)
-        d = (p * (1.0 + 2.0 * z_loss * lse) if z_loss else p) - target
+        d = (p * (1.0 + 2.0 * z_loss * (row_max + log_sum)) if z_loss else p) - target
         d = jnp.where((label >= 0) & (label < v), d, jnp.nan)
     return jnp.where(row_on, g * d, 0.0)
 
@@ -237,7 +250,20 @@ def _init_state(shape):
 
 
 def _fwd_kernel_triton(
-    logits_ref, labels_ref, where_ref, loss_ref, lse_ref, *, n, v, block_n, block_v, label_smoothing, z_loss, prob_labels
+    logits_ref,
+    labels_ref,
+    where_ref,
+    loss_ref,
+    row_max_ref,
+    log_sum_ref,
+    *,
+    n,
+    v,
+    block_n,
+    block_v,
+    label_smoothing,
+    z_loss,
+    prob_labels,
 ):
     """Rows [block_n] per program over grid (cdiv(N, block_n),); in-kernel loop over
     cdiv(V, block_v) vocab blocks of logits_ref [block_n, V] (and labels_ref [block_n, V]
@@ -260,18 +286,17 @@ def _fwd_kernel_triton(
         return _int_label_step(state, x, valid, cols, label, num_prev, label_smoothing=label_smoothing)
 
     state = lax.fori_loop(0, pl.cdiv(v, block_v), body, _init_state((block_n, 1)))
-    loss, lse = _finish(
-        state, label, row_on, v=v, label_smoothing=label_smoothing, z_loss=z_loss, prob_labels=prob_labels
-    )
-    plgpu.store(loss_ref, loss.reshape(block_n), mask=row_ok)
-    plgpu.store(lse_ref, lse.reshape(block_n), mask=row_ok)
+    outs = _finish(state, label, row_on, v=v, label_smoothing=label_smoothing, z_loss=z_loss, prob_labels=prob_labels)
+    for ref, value in zip((loss_ref, row_max_ref, log_sum_ref), outs):
+        plgpu.store(ref, value.reshape(block_n), mask=row_ok)
 
 
 def _bwd_kernel_triton(
     logits_ref,
     labels_ref,
     where_ref,
-    lse_ref,
+    row_max_ref,
+    log_sum_ref,
     g_ref,
     *refs,
     n,
@@ -302,7 +327,8 @@ def _bwd_kernel_triton(
     d = _grad_tile(
         x,
         cols,
-        row_load(lse_ref, 0.0),
+        row_load(row_max_ref, 0.0),
+        row_load(log_sum_ref, 0.0),
         row_load(g_ref, 0.0),
         row_load(where_ref, 0) != 0,
         label_or_t,
@@ -332,20 +358,23 @@ def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothin
         prob_labels=prob_labels,
     )
     out = jax.ShapeDtypeStruct((n,), jnp.float32)
-    return pl.pallas_call(
+    loss, row_max, log_sum = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n),),
         in_specs=[full_rows, full_rows if prob_labels else row_spec, row_spec],
-        out_specs=[row_spec, row_spec],
-        out_shape=[out, out],
+        out_specs=[row_spec] * 3,
+        out_shape=[out] * 3,
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(logits, labels, backward=False),
         interpret=interpret,
         name="fusedvjp_xent_fwd",
     )(logits, labels, where)
+    return loss, (row_max, log_sum)
 
 
-def _bwd_triton(logits, labels, where, lse, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss):
+def _bwd_triton(
+    logits, labels, where, row_max, log_sum, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss
+):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "triton")
     prob_labels = labels.ndim == 2
@@ -364,23 +393,23 @@ def _bwd_triton(logits, labels, where, lse, g, *label_sum, interpret, block_size
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
-        in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (3 + len(label_sum)),
+        in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (4 + len(label_sum)),
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(logits, labels, backward=True),
         interpret=interpret,
         name="fusedvjp_xent_bwd",
-    )(logits, labels, where, lse, g, *label_sum)
+    )(logits, labels, where, row_max, log_sum, g, *label_sum)
 
 
 # --- Mosaic TPU ------------------------------------------------------------------------
 #
 # Grid (row blocks, vocab blocks), vocab last. The forward carries the per-row state in
-# VMEM scratch across the "arbitrary" vocab axis and writes loss and lse at its last
-# step; the backward's tiles are independent ("parallel" both ways). Per-row arrays
-# travel as [N, 1] (block (block_n, 1): the last dim equals the array's) and the
-# launchers reshape them to [N].
+# VMEM scratch across the "arbitrary" vocab axis and writes the loss and the residual
+# (row_max, log_sum) at its last step; the backward's tiles are independent ("parallel"
+# both ways). Per-row arrays travel as [N, 1] (block (block_n, 1): the last dim equals
+# the array's) and the launchers reshape them to [N].
 
 
 def _fwd_kernel_tpu(
@@ -388,7 +417,8 @@ def _fwd_kernel_tpu(
     labels_ref,
     where_ref,
     loss_ref,
-    lse_ref,
+    row_max_ref,
+    log_sum_ref,
     m_ref,
     s_ref,
     acc0_ref,
@@ -427,7 +457,7 @@ def _fwd_kernel_tpu(
     @pl.when(j == pl.num_programs(1) - 1)
     def _():
         label = None if prob_labels else labels_ref[...]
-        loss, lse = _finish(
+        outs = _finish(
             state,
             label,
             where_ref[...] != 0,
@@ -436,15 +466,16 @@ def _fwd_kernel_tpu(
             z_loss=z_loss,
             prob_labels=prob_labels,
         )
-        loss_ref[...] = loss
-        lse_ref[...] = lse
+        for ref, value in zip((loss_ref, row_max_ref, log_sum_ref), outs):
+            ref[...] = value
 
 
 def _bwd_kernel_tpu(
     logits_ref,
     labels_ref,
     where_ref,
-    lse_ref,
+    row_max_ref,
+    log_sum_ref,
     g_ref,
     *refs,
     v,
@@ -465,7 +496,8 @@ def _bwd_kernel_tpu(
     d = _grad_tile(
         logits_ref[...].astype(jnp.float32),
         cols,
-        lse_ref[...],
+        row_max_ref[...],
+        log_sum_ref[...],
         g_ref[...],
         where_ref[...] != 0,
         label_or_t,
@@ -498,22 +530,24 @@ def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, 
         prob_labels=prob_labels,
     )
     out = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-    loss, lse = pl.pallas_call(
+    loss, row_max, log_sum = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
         in_specs=[tile, tile if prob_labels else row_spec, row_spec],
-        out_specs=[row_spec, row_spec],
-        out_shape=[out, out],
+        out_specs=[row_spec] * 3,
+        out_shape=[out] * 3,
         scratch_shapes=[pltpu.VMEM((bs.block_n, 1), jnp.float32) for _ in range(4)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=_cost(logits, labels, backward=False),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_xent_fwd",
     )(logits, labels if prob_labels else _column(labels), _column(where))
-    return loss.reshape(n), lse.reshape(n)
+    return loss.reshape(n), (row_max.reshape(n), log_sum.reshape(n))
 
 
-def _bwd_tpu(logits, labels, where, lse, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss):
+def _bwd_tpu(
+    logits, labels, where, row_max, log_sum, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss
+):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "mosaic_tpu")
     prob_labels = labels.ndim == 2
@@ -531,7 +565,7 @@ def _bwd_tpu(logits, labels, where, lse, g, *label_sum, interpret, block_sizes, 
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
-        in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (3 + len(label_sum)),
+        in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (4 + len(label_sum)),
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
@@ -541,7 +575,7 @@ def _bwd_tpu(logits, labels, where, lse, g, *label_sum, interpret, block_sizes, 
     )(
         logits,
         labels if prob_labels else _column(labels),
-        *map(_column, (where, lse, g, *label_sum)),
+        *map(_column, (where, row_max, log_sum, g, *label_sum)),
     )
 
 
@@ -553,7 +587,9 @@ def _cost(logits, labels, *, backward: bool) -> pl.CostEstimate:
     moved = logits.size * logits.dtype.itemsize * (2 if backward else 1)
     if labels.ndim == 2:
         moved += labels.size * labels.dtype.itemsize
-    return pl.CostEstimate(flops=8 * n * v, transcendentals=n * v, bytes_accessed=moved + 16 * n)
+    # Per-row 4-byte values: label, where, loss, row_max, log_sum (forward); label, where,
+    # row_max, log_sum, g (backward).
+    return pl.CostEstimate(flops=8 * n * v, transcendentals=n * v, bytes_accessed=moved + 20 * n)
 
 
 def _check_args(logits, labels, where, label_smoothing, z_loss) -> bool:
@@ -603,12 +639,15 @@ def softmax_cross_entropy_fwd(
     z_loss: float = 0.0,
     backend: str | None = None,
     block_sizes: CrossEntropyBlockSizes | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-row softmax cross-entropy and its f32 logsumexp, in one pass over the logits.
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Per-row softmax cross-entropy and its logsumexp residual, in one pass over the logits.
 
     Equivalent to (integer labels; probability labels use ``t = labels`` directly)::
 
-      lse = jax.nn.logsumexp(logits.astype(f32), axis=-1)
+      x = logits.astype(f32)
+      row_max = jnp.max(x, axis=-1)  # 0 instead where a row is all -inf
+      log_sum = jnp.log(jnp.sum(jnp.exp(x - row_max[:, None]), axis=-1))
+      lse = row_max + log_sum
       t = (1 - label_smoothing) * jax.nn.one_hot(labels, V) + label_smoothing / V
       loss = lse * t.sum(-1) - (t * logits).sum(-1) + z_loss * lse**2
       loss = jnp.where(where, loss, 0.0)
@@ -627,10 +666,15 @@ def softmax_cross_entropy_fwd(
         (every backend when ``backend`` is None).
 
     Returns:
-      ``(loss, lse)``, both [N] float32. ``lse`` is the residual for the backward: with it
-      ``p = exp(x - lse)`` is recomputed blockwise without a second reduction pass, and
-      it is kept in f32 because every ``p`` inherits its rounding as relative error:
-      2**-9 * |lse| in bf16, 2**-24 * |lse| in f32 (6e-4 at |lse| ~ 1e4).
+      ``(loss, (row_max, log_sum))``, all [N] float32; ``row_max + log_sum`` is the row's
+      logsumexp (``row_max`` is 0 on a row that is all -inf, ``log_sum`` -inf there).
+      ``(row_max, log_sum)`` is the residual for the backward: with it
+      ``p = exp((x - row_max) - log_sum)`` is recomputed blockwise without a second
+      reduction pass. It is the logsumexp in two parts, not one f32 ``lse``, because
+      every ``p`` would inherit the rounding of ``lse`` (2**-24 |lse|, 6e-4 at |x| ~ 1e4)
+      as relative error (see the module docstring). Two [N] arrays rather than one
+      [N, 2]: each is a plain per-row block in both backends ([N] for Triton, [N, 1]
+      for TPU), so neither kernel interleaves or slices columns.
 
     Raises:
       ValueError: bad shapes, options or block sizes.
@@ -654,7 +698,7 @@ def softmax_cross_entropy_bwd(
     logits: jax.Array,
     labels: jax.Array,
     where: jax.Array,
-    lse: jax.Array,
+    residual: tuple[jax.Array, jax.Array],
     g: jax.Array,
     *,
     label_smoothing: float = 0.0,
@@ -666,14 +710,15 @@ def softmax_cross_entropy_bwd(
 
     Equivalent to (``t`` as in the forward)::
 
-      p = jnp.exp(logits.astype(f32) - lse[:, None])
-      d = p * (t.sum(-1) + 2 * z_loss * lse)[:, None] - t
+      row_max, log_sum = residual
+      p = jnp.exp((logits.astype(f32) - row_max[:, None]) - log_sum[:, None])
+      d = p * (t.sum(-1) + 2 * z_loss * (row_max + log_sum))[:, None] - t
       dlogits = jnp.where(where[:, None], g[:, None] * d, 0.0).astype(logits.dtype)
 
     Args:
       logits, labels, where, label_smoothing, z_loss, backend, block_sizes: as passed
         to the forward.
-      lse: [N] float32, the forward's residual.
+      residual: ``(row_max, log_sum)``, [N] float32 each, the forward's residual.
       g: [N] float32, the cotangent of the loss.
 
     Returns:
@@ -686,14 +731,17 @@ def softmax_cross_entropy_bwd(
     """
     prob_labels = _check_args(logits, labels, where, label_smoothing, z_loss)
     n, v = logits.shape
-    for name, a in (("lse", lse), ("g", g)):
+    if not (isinstance(residual, (tuple, list)) and len(residual) == 2):
+        raise ValueError(f"residual must be the forward's (row_max, log_sum) pair, got {type(residual).__name__}")
+    row_max, log_sum = residual
+    for name, a in (("row_max", row_max), ("log_sum", log_sum), ("g", g)):
         if a.shape != (n,):
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
     _check_block_sizes(block_sizes, n, v, backend)
     if prob_labels:
         # sum(t) per row is recomputed here by an XLA reduction (one extra read of the
         # [N, V] labels) rather than saved by the forward as a second residual (4N bytes,
-        # cheaper): the forward's contract is (loss, lse) for both label kinds, and
+        # cheaper): the forward returns the same residual for both label kinds, and
         # probability labels are the rarer, smaller-vocabulary case (distillation).
         # Integer labels have sum(t) = 1 and need no such input.
         row_extra = (jnp.sum(labels.astype(jnp.float32), axis=-1),)
@@ -710,7 +758,8 @@ def softmax_cross_entropy_bwd(
         logits,
         labels,
         where.astype(jnp.int32),
-        lse.astype(jnp.float32),
+        row_max.astype(jnp.float32),
+        log_sum.astype(jnp.float32),
         g.astype(jnp.float32),
         *row_extra,
         backend=backend,

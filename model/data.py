@@ -136,7 +136,7 @@ def download_mnist(data_dir: str | pathlib.Path) -> None:
         torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True)
 
 
-def load(dataset: str, data_dir: str | pathlib.Path) -> Dataset:
+def load(dataset: str, data_dir: str | pathlib.Path, log=print) -> Dataset:
     """``"mnist"``: full MNIST (downloaded if missing and possible); ``"sample"``: the
     shipped subset; ``"auto"``: full MNIST if present or downloadable, else the sample."""
     if dataset == "sample":
@@ -150,7 +150,8 @@ def load(dataset: str, data_dir: str | pathlib.Path) -> Dataset:
             return load_mnist(data_dir)
         try:
             download_mnist(data_dir)
-        except Exception:  # no torchvision, no network: the shipped sample is the answer
+        except Exception as e:  # no torchvision, no network: the shipped sample is the answer
+            log(f"full MNIST unavailable ({type(e).__name__}: {e}); using the shipped sample")
             return load_sample()
         return load_mnist(data_dir)
     raise ValueError(f"unknown dataset {dataset!r}; expected 'auto', 'mnist' or 'sample'")

@@ -179,9 +179,10 @@ def _xent_bytes(label_row: bool):
         # Probability labels add a read of the label rows per pass and, since they are
         # differentiable, a write of dlabels.
         rows = 2 if label_row else 1
+        # Per row: the f32 loss, and the residual (row max, log-sum) written and read back.
         if mode == "fwd":
-            return rows * n * v * s + 4 * n
-        return 2 * rows * n * v * s + rows * n * v * s + 8 * n
+            return rows * n * v * s + 12 * n
+        return 2 * rows * n * v * s + rows * n * v * s + 24 * n
 
     return cost
 

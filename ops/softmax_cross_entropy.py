@@ -8,9 +8,13 @@ Per row of logits ``x`` (length V) with target distribution ``t``::
 The Jacobian of ``loss`` w.r.t. ``x`` is one row: ``d loss / d x_k = p_k sum_j t_j - t_k``,
 so the VJP is ``g * (p * sum(t) - t)`` -- for a distribution (sum t = 1) the seed's
 ``p - y``. Nothing V x V (the softmax Jacobian ``diag(p) - p p^T``) is ever formed: the
-loss collapses it. The residual is the f32 ``lse`` per row: with it the backward
-recomputes ``p = exp(x - lse)`` from the logits it reads anyway, so no [N, V]
-probability tensor is kept between the passes.
+loss collapses it. The residual is the row's logsumexp in two f32 parts,
+``lse = m + log_s`` with ``m = max_j x_j`` and ``log_s = log sum_j exp(x_j - m)``: with it
+the backward recomputes ``p = exp((x - m) - log_s)`` (and ``log p``, for the labels'
+gradient) from the logits it reads anyway, so no [N, V] probability tensor is kept
+between the passes. Not one f32 ``lse``: its rounding, up to ``2**-24 |lse|`` (6e-4 at
+``|x| ~ 1e4``), would be a relative error of every ``p``, while ``x - m`` is exact
+(Sterbenz) wherever ``p`` is not negligible and ``log_s <= log V`` rounds by ~1e-6.
 
 Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in closed form
 ``loss = lse - (1 - a) x_y - (a / V) sum_j x_j``. The z-loss ``s * lse**2`` (PaLM/T5X) adds
@@ -74,6 +78,26 @@ def softmax_cross_entropy_reference(logits, labels, *, where=None):
     return loss.astype(logits.dtype)
 
 
+# --- the residual ---------------------------------------------------------------------------
+
+
+def _split_logsumexp(x):
+    """(m, log_s), f32 [N] each, with logsumexp(x) = m + log_s; the kernels' residual.
+
+    ``m`` is the row max, or 0 where it is not finite (as in ``jax.nn.logsumexp``), so an
+    all ``-inf`` row gives ``log_s = -inf`` and no ``-inf - -inf``.
+    """
+    m = jnp.max(x, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m, jnp.log(jnp.sum(jnp.exp(x - m[:, None]), axis=-1))
+
+
+def _log_softmax_from(x, residual):
+    """log p = (x - m) - log_s, [N, V] f32, from the residual (never x - rounded lse)."""
+    m, log_s = residual
+    return (x - m[:, None]) - log_s[:, None]
+
+
 # --- integer labels: custom_vjp ------------------------------------------------------------
 
 
@@ -82,11 +106,10 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
 
     def jnp_path():
         x = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(x, axis=-1)
         loss = softmax_cross_entropy_with_integer_labels_reference(
             x, labels, where=where, label_smoothing=label_smoothing, z_loss=z_loss
         )
-        return loss, lse
+        return loss, _split_logsumexp(x)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
@@ -95,11 +118,11 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
             kernels.softmax_cross_entropy_fwd, logits, labels, where,
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
-        loss, lse = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
+        loss, lse_parts = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
     else:
-        loss, lse = jnp_path()
+        loss, lse_parts = jnp_path()
     if return_residuals:
-        return loss, (logits, labels, where, lse)
+        return loss, (logits, labels, where, lse_parts)
     return loss
 
 
@@ -113,16 +136,18 @@ def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl):
 
 
 def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
-    logits, labels, where, lse = residuals
+    logits, labels, where, lse_parts = residuals
     g = g.astype(jnp.float32)
 
     def jnp_path():
         x = logits.astype(jnp.float32)
         v = x.shape[-1]
-        p = jnp.exp(x - lse[:, None])
+        p = jnp.exp(_log_softmax_from(x, lse_parts))
         # t = (1 - a) onehot(y) + a/V; an out-of-range y matches no column.
         onehot = jnp.arange(v)[None, :] == labels[:, None]
         t = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / v
+        # z-loss: d (s lse^2) = 2 s lse p; lse = m + log_s rounds by 2**-24 relative, harmless.
+        lse = lse_parts[0] + lse_parts[1]
         dx = p * (1.0 + 2.0 * z_loss * lse[:, None]) - t
         valid = (labels >= 0) & (labels < v)
         dx = jnp.where(valid[:, None], dx, jnp.nan)
@@ -132,7 +157,7 @@ def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
         kernel = functools.partial(
-            kernels.softmax_cross_entropy_bwd, logits, labels, where, lse, g,
+            kernels.softmax_cross_entropy_bwd, logits, labels, where, lse_parts, g,
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
         dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
@@ -152,18 +177,17 @@ def _prob_forward(logits, labels, where, impl, return_residuals):
 
     def jnp_path():
         x = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(x, axis=-1)
-        return softmax_cross_entropy_reference(x, labels, where=where), lse
+        return softmax_cross_entropy_reference(x, labels, where=where), _split_logsumexp(x)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
         kernel = functools.partial(kernels.softmax_cross_entropy_fwd, logits, labels, where)
-        loss, lse = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
+        loss, lse_parts = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
     else:
-        loss, lse = jnp_path()
+        loss, lse_parts = jnp_path()
     if return_residuals:
-        return loss, (logits, labels, where, lse)
+        return loss, (logits, labels, where, lse_parts)
     return loss
 
 
@@ -177,26 +201,27 @@ def _prob_xent_fwd(logits, labels, where, impl):
 
 
 def _prob_xent_bwd(impl, residuals, g):
-    logits, labels, where, lse = residuals
+    logits, labels, where, lse_parts = residuals
     g = jnp.where(where, g.astype(jnp.float32), 0.0)
 
     def jnp_path():
         x = logits.astype(jnp.float32)
         t = labels.astype(jnp.float32)
-        p = jnp.exp(x - lse[:, None])
+        p = jnp.exp(_log_softmax_from(x, lse_parts))
         return (g[:, None] * (p * jnp.sum(t, axis=-1, keepdims=True) - t)).astype(logits.dtype)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
-        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, lse, g)
+        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, lse_parts, g)
         dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
     else:
         dlogits = jnp_path()
-    # d loss / d t_j = -log p_j (= -(x_j - lse)). XLA fuses this into one elementwise pass
-    # and removes it entirely when the labels need no gradient (the usual case).
+    # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
+    # elementwise pass and removes it entirely when the labels need no gradient (the usual
+    # case).
     x = logits.astype(jnp.float32)
-    logp = x - lse[:, None]
+    logp = _log_softmax_from(x, lse_parts)
     t = labels.astype(jnp.float32)
     logp = jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
     dlabels = jnp.where(where[:, None], -g[:, None] * logp, 0.0).astype(labels.dtype)

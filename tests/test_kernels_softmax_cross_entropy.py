@@ -37,9 +37,25 @@ FEATURES = {
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "z_loss", "backend", "block_sizes"))
 def _kernel_fwd_bwd(logits, labels, where, g, *, label_smoothing, z_loss, backend, block_sizes):
+    """(loss, (row_max, log_sum), dlogits) from the two launchers."""
     opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, backend=backend, block_sizes=block_sizes)
-    loss, lse = xent.softmax_cross_entropy_fwd(logits, labels, where, **opts)
-    return loss, lse, xent.softmax_cross_entropy_bwd(logits, labels, where, lse, g, **opts)
+    loss, residual = xent.softmax_cross_entropy_fwd(logits, labels, where, **opts)
+    return loss, residual, xent.softmax_cross_entropy_bwd(logits, labels, where, residual, g, **opts)
+
+
+def _lse(residual):
+    """The logsumexp the residual stands for, row_max + log_sum, in f32 as a user forms it."""
+    row_max, log_sum = residual
+    return np.asarray(row_max + log_sum)
+
+
+def _check_residual(residual, logits):
+    """row_max is exactly the row's max logit (0 on an all -inf row); f32 [N] both."""
+    row_max, log_sum = map(np.asarray, residual)
+    n = logits.shape[0]
+    assert row_max.shape == log_sum.shape == (n,) and row_max.dtype == log_sum.dtype == np.float32
+    want = np.max(np.asarray(logits, np.float32), axis=-1)
+    np.testing.assert_array_equal(row_max, np.where(want == -np.inf, 0.0, want))
 
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "z_loss"))
@@ -108,8 +124,12 @@ def _check_f32(rng, backend, n, v, feature, block_sizes):
     prob_labels, a, z = FEATURES[feature]
     logits, labels, where, g = _inputs(rng, n, v, jnp.float32, prob_labels)
     opts = dict(label_smoothing=a, z_loss=z)
-    loss, lse, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=block_sizes, **opts)
-    assert loss.shape == lse.shape == (n,) and loss.dtype == lse.dtype == jnp.float32
+    loss, residual, dlogits = _kernel_fwd_bwd(
+        logits, labels, where, g, backend=backend, block_sizes=block_sizes, **opts
+    )
+    _check_residual(residual, logits)
+    lse = _lse(residual)
+    assert loss.shape == (n,) and loss.dtype == jnp.float32
     assert dlogits.shape == (n, v) and dlogits.dtype == jnp.float32
     for out in (loss, lse, dlogits):
         assert np.isfinite(np.asarray(out)).all()  # an unwritten or unmasked block would show
@@ -159,8 +179,10 @@ def test_bfloat16(rng, backend, feature):
     prob_labels, a, z = FEATURES[feature]
     logits, labels, where, g = _inputs(rng, 37, 1000, jnp.bfloat16, prob_labels)
     opts = dict(label_smoothing=a, z_loss=z)
-    loss, lse, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    assert loss.dtype == lse.dtype == jnp.float32 and dlogits.dtype == jnp.bfloat16
+    loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
+    _check_residual(residual, logits)
+    lse = _lse(residual)
+    assert loss.dtype == jnp.float32 and dlogits.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(dlogits, np.float32)).all()
     ref_loss, ref_lse, ref_dlogits = float64_oracle(_reference, logits, labels, where, g, **opts)
     bf16_loss, bf16_dlogits = _optax(logits, labels, where, g, **opts)  # the plain bf16 computation
@@ -204,12 +226,14 @@ def test_neg_inf_logits(rng, backend, feature):
     where = jnp.asarray(where)
     g = randn(rng, (n,), jnp.float32)
     opts = dict(label_smoothing=a, z_loss=z)
-    loss, lse, dlogits = map(
-        np.asarray, _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    )
+    loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
+    _check_residual(residual, logits)
+    loss, lse, dlogits = np.asarray(loss), _lse(residual), np.asarray(dlogits)
     ref_loss, ref_lse, ref_dlogits = float64_oracle(_reference, logits, labels, where, g, **opts)
 
-    # Row 0 (all -inf): lse -inf, loss NaN, gradient NaN. Row 1 (the same, where=False): 0.
+    # Row 0 (all -inf): residual (0, -inf), lse -inf, loss NaN, gradient NaN. Row 1 (the
+    # same, where=False): 0.
+    assert np.asarray(residual[1])[0] == -np.inf
     assert lse[0] == -np.inf and np.isnan(loss[0]) and np.isnan(dlogits[0]).all()
     assert loss[1] == 0 and not dlogits[1].any()
     rows = slice(2, None)
@@ -244,20 +268,18 @@ def test_extreme_magnitudes(rng, backend, feature):
     x[n // 2 :] *= 3e3  # spread over about +-1e4: exp overflows without the running max
     logits = jnp.asarray(x, jnp.float32)
     opts = dict(label_smoothing=a, z_loss=z)
-    loss, lse, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
+    loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
+    _check_residual(residual, logits)
+    lse = _lse(residual)
     for out in (loss, lse, dlogits):
         assert np.isfinite(np.asarray(out)).all()
     ref_loss, ref_lse, ref_dlogits = float64_oracle(_reference, logits, labels, where, g, **opts)
     # The loss is formed from x - max and log(sum), never from lse - x at |x| ~ 1e4.
     assert_close(loss, ref_loss)
     assert_close(lse, ref_lse)
-    # Widened: the f32 lse residual is rounded by up to 2**-24 |lse| (6e-4 at 1e4), and
-    # every p = exp(x - lse) <= 1 inherits that as relative error, scaled by
-    # g (1 + 2 z lse) with z-loss. This is the accuracy of an f32 residual, not of the
-    # kernel's arithmetic (the f32 tolerance covers the rest; 2x for the sum of both).
-    max_lse = float(np.max(np.abs(ref_lse)))
-    d_tol = 2 * 2.0**-24 * max_lse * (1.0 + 2.0 * z * max_lse) * float(np.max(np.abs(np.asarray(g))))
-    assert_close(dlogits, ref_dlogits, atol=d_tol)
+    # The plain f32 tolerance: p = exp((x - row_max) - log_sum) never sees the f32
+    # rounding of lse (6e-4 absolute at 1e4), which would be a relative error of every p.
+    assert_close(dlogits, ref_dlogits)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -270,9 +292,8 @@ def test_out_of_range_labels_and_where(rng, backend):
     where[[2, 3, 4]] = False  # rows 2, 3: out of range but masked; row 4: in range, masked
     labels, where = jnp.asarray(y, jnp.int32), jnp.asarray(where)
     opts = dict(label_smoothing=0.1, z_loss=1e-3)
-    loss, lse, dlogits = map(
-        np.asarray, _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    )
+    loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
+    loss, lse, dlogits = np.asarray(loss), _lse(residual), np.asarray(dlogits)
     assert np.isnan(loss[:2]).all() and np.isnan(dlogits[:2]).all()
     assert not loss[2:5].any() and not dlogits[2:5].any()
     ref_loss, ref_lse, ref_dlogits = float64_oracle(_reference, logits, labels, where, g, **opts)
@@ -319,7 +340,8 @@ def test_block_sizes_checked_per_backend(block_sizes, backend, match):
         xent.softmax_cross_entropy_fwd(logits, labels, where, backend=backend, block_sizes=block_sizes)
     with pytest.raises(ValueError, match=match):
         xent.softmax_cross_entropy_bwd(
-            logits, labels, where, jnp.zeros(37), jnp.ones(37), backend=backend, block_sizes=block_sizes
+            logits, labels, where, (jnp.zeros(37), jnp.zeros(37)), jnp.ones(37), backend=backend,
+            block_sizes=block_sizes,
         )
 
 
@@ -354,8 +376,14 @@ def test_argument_validation():
         fwd(logits.astype(jnp.float16), labels, where)
     with pytest.raises(ValueError, match="unknown kernel backend"):
         fwd(logits, labels, where, backend="cuda")
+    bwd = xent.softmax_cross_entropy_bwd
+    residual = (jnp.zeros(4), jnp.zeros(4))
     with pytest.raises(ValueError, match=r"g must be \[N\]"):
-        xent.softmax_cross_entropy_bwd(logits, labels, where, jnp.zeros(4), jnp.ones(3))
+        bwd(logits, labels, where, residual, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"residual must be the forward's \(row_max, log_sum\) pair"):
+        bwd(logits, labels, where, jnp.zeros(4), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"log_sum must be \[N\]"):
+        bwd(logits, labels, where, (jnp.zeros(4), jnp.zeros(3)), jnp.ones(4))
 
 
 # --- lowering for accelerators (on this CPU machine) ------------------------------------
@@ -369,8 +397,9 @@ def test_argument_validation():
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_for_accelerators(platform, n, v, dtype):
     def fwd_bwd(logits, labels, where, g):
-        loss, lse = xent.softmax_cross_entropy_fwd(logits, labels, where, label_smoothing=0.1, z_loss=1e-4)
-        dlogits = xent.softmax_cross_entropy_bwd(logits, labels, where, lse, g, label_smoothing=0.1, z_loss=1e-4)
+        opts = dict(label_smoothing=0.1, z_loss=1e-4)
+        loss, residual = xent.softmax_cross_entropy_fwd(logits, labels, where, **opts)
+        dlogits = xent.softmax_cross_entropy_bwd(logits, labels, where, residual, g, **opts)
         return loss, dlogits
 
     args = (
