@@ -42,7 +42,7 @@ from fusedvjp.kernels import _common
 class {camel}BlockSizes:
     """Tile sizes. Triton: powers of two. TPU: last two block dims multiples of (8, 128)
     or the whole dimension. With ``backend=None`` every backend's branch is traced, so
-    explicit block sizes must be legal for all of them (check them in each launcher)."""
+    explicit block sizes must be legal for all of them (``_common.check_block_sizes``)."""
 
     block_rows: int
     block_cols: int
@@ -57,6 +57,12 @@ class {camel}BlockSizes:
         # TODO(scaffold): choose from shape, dtype and backend; a default that was measured
         # says where (device, dtype, shape, time); one that was not says so.
         raise NotImplementedError("TODO(scaffold): {camel}BlockSizes.default")
+
+    def check(self, rows: int, cols: int, backend: str) -> None:
+        """Raises ValueError, naming the values, if this tile breaks ``backend``'s rules."""
+        # TODO(scaffold): Triton: powers of two (dot dims >= 16), shared memory in budget;
+        # mosaic_tpu: multiples of (8, 128) or the whole dimension.
+        raise NotImplementedError("TODO(scaffold): {camel}BlockSizes.check")
 
 
 def _check_args({arrays}) -> None:
@@ -117,6 +123,7 @@ def _bwd_tpu({arrays}, residuals, g, *, interpret, block_sizes{lopts}):
 def {name}_fwd({arrays}, *{lsig}, backend=None, block_sizes=None):
     """Returns ``(out, residuals)``. TODO(scaffold): shapes and dtypes of each."""
     _check_args({arrays})
+    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape)
     impls = {{
         "triton": functools.partial(_fwd_triton, block_sizes=block_sizes{lpass}),
         "mosaic_tpu": functools.partial(_fwd_tpu, block_sizes=block_sizes{lpass}),
@@ -126,6 +133,7 @@ def {name}_fwd({arrays}, *{lsig}, backend=None, block_sizes=None):
 
 def {name}_bwd({arrays}, residuals, g, *{lsig}, backend=None, block_sizes=None):
     """Returns one cotangent per array input of the forward."""
+    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape)
     impls = {{
         "triton": functools.partial(_bwd_triton, block_sizes=block_sizes{lpass}),
         "mosaic_tpu": functools.partial(_bwd_tpu, block_sizes=block_sizes{lpass}),

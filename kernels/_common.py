@@ -214,3 +214,16 @@ def validate_block_fields(obj: Any, fields: tuple[str, ...]) -> None:
     warps = getattr(obj, "num_warps", None)
     if warps is not None and not is_power_of_two(warps):
         raise ValueError(f"{cls}.num_warps must be a power of two, got {warps}")
+
+
+def check_block_sizes(block_sizes: Any, cls: type, backend: str | None, *dims: int) -> None:
+    """Checks explicit block sizes (a ``cls`` with ``check(*dims, backend_name)``) against
+    the backends they will be traced for: ``backend=None`` traces a branch per lowering
+    platform, so the tile must suit every backend."""
+    if block_sizes is None:
+        return
+    if not isinstance(block_sizes, cls):
+        raise TypeError(f"block_sizes must be a {cls.__name__} or None, got {block_sizes!r}")
+    check_backend(backend)
+    for name in (backend,) if backend else BACKEND_NAMES:
+        block_sizes.check(*dims, name)

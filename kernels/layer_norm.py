@@ -458,17 +458,6 @@ def _check_args(x, **params) -> None:
         raise NotImplementedError(f"empty input {x.shape}")
 
 
-def _check_block_sizes(block_sizes, n: int, d: int, backend: str | None) -> None:
-    if block_sizes is None:
-        return
-    if not isinstance(block_sizes, LayerNormBlockSizes):
-        raise TypeError(f"block_sizes must be a LayerNormBlockSizes or None, got {block_sizes!r}")
-    _common.check_backend(backend)
-    # backend=None traces a branch per lowering platform, so the tile must suit every backend.
-    for name in (backend,) if backend else _common.BACKEND_NAMES:
-        block_sizes.check(n, d, name)
-
-
 def layer_norm_fwd(
     x: jax.Array,
     scale: jax.Array,
@@ -504,7 +493,7 @@ def layer_norm_fwd(
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     n, d = x.shape
-    _check_block_sizes(block_sizes, n, d, backend)
+    _common.check_block_sizes(block_sizes, LayerNormBlockSizes, backend, n, d)
     static = dict(eps=float(eps), block_sizes=block_sizes)
     impls = {
         "triton": functools.partial(_triton_fwd, **static),
@@ -547,7 +536,7 @@ def layer_norm_bwd(
     for name, a in (("mean", mean), ("rstd", rstd)):
         if a.shape != (n,) or a.dtype != jnp.float32:
             raise ValueError(f"{name} must be [N]=({n},) float32, got {a.shape} {a.dtype}")
-    _check_block_sizes(block_sizes, n, d, backend)
+    _common.check_block_sizes(block_sizes, LayerNormBlockSizes, backend, n, d)
     impls = {
         "triton": functools.partial(_triton_bwd, block_sizes=block_sizes),
         "mosaic_tpu": functools.partial(_tpu_bwd, block_sizes=block_sizes),

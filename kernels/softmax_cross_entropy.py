@@ -618,18 +618,6 @@ def _check_args(logits, labels, where, label_smoothing, z_loss) -> bool:
     )
 
 
-def _check_block_sizes(block_sizes, n: int, v: int, backend: str | None) -> None:
-    if block_sizes is None:
-        return
-    if not isinstance(block_sizes, CrossEntropyBlockSizes):
-        raise TypeError(f"block_sizes must be a CrossEntropyBlockSizes or None, got {block_sizes!r}")
-    _common.check_backend(backend)
-    # backend=None traces every backend's kernel (one per lowering platform), so the tile
-    # must suit them all.
-    for name in (backend,) if backend else _common.BACKEND_NAMES:
-        block_sizes.check(n, v, name)
-
-
 def softmax_cross_entropy_fwd(
     logits: jax.Array,
     labels: jax.Array,
@@ -682,7 +670,7 @@ def softmax_cross_entropy_fwd(
     """
     prob_labels = _check_args(logits, labels, where, label_smoothing, z_loss)
     n, v = logits.shape
-    _check_block_sizes(block_sizes, n, v, backend)
+    _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
     options = dict(block_sizes=block_sizes, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
     impls = {
         "triton": functools.partial(_fwd_triton, **options),
@@ -737,7 +725,7 @@ def softmax_cross_entropy_bwd(
     for name, a in (("row_max", row_max), ("log_sum", log_sum), ("g", g)):
         if a.shape != (n,):
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
-    _check_block_sizes(block_sizes, n, v, backend)
+    _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
     if prob_labels:
         # sum(t) per row is recomputed here by an XLA reduction (one extra read of the
         # [N, V] labels) rather than saved by the forward as a second residual (4N bytes,
