@@ -38,6 +38,64 @@ import jax.numpy as jnp
 from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
 
 
+# --- the losses, written around the row max --------------------------------------------------
+
+
+def _split_logsumexp(x):
+    """(m, log_s), f32 [...] each, with logsumexp(x) = m + log_s: the residual.
+
+    ``m`` is the row max, or 0 where it is not finite (as in ``jax.nn.logsumexp``), so an
+    all ``-inf`` row gives ``log_s = -inf`` and no ``-inf - -inf``.
+    """
+    m = jnp.max(x, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+
+
+def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
+    """f32 x [..., V] -> (loss f32 [...], residual (m, log_s)).
+
+    ``lse - (1 - a) x_y - (a / V) sum_j x_j`` written as
+    ``log_s + (1 - a) (m - x_y) + (a / V) sum_j (m - x_j)``: no two numbers of size |x|
+    are subtracted, so the loss stays exact at |x| ~ 1e4 (plain ``lse - x_y`` in f32 loses
+    ~5e-4 there).
+    """
+    v = x.shape[-1]
+    m, log_s = _split_logsumexp(x)
+    valid = (labels >= 0) & (labels < v)
+    label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    loss = log_s + (1.0 - label_smoothing) * (m - label_logit)
+    if label_smoothing:
+        loss = loss + (label_smoothing / v) * jnp.sum(m[..., None] - x, axis=-1)
+    if z_loss:
+        loss = loss + z_loss * (m + log_s) ** 2
+    counted = jnp.ones(labels.shape, bool) if where is None else where
+    # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
+    # the multiplication is deliberate (it is the NaN we want), not a mask.
+    loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
+    return jnp.where(counted, loss, 0.0), (m, log_s)
+
+
+def _probability_label_loss(x, t, where):
+    """f32 x, t [..., V] -> (loss f32 [...], residual (m, log_s)); ``0 * log 0 = 0``."""
+    residual = _split_logsumexp(x)
+    loss = -jnp.sum(t * _zero_where_no_mass(_log_softmax_from(x, residual), t), axis=-1)
+    if where is not None:
+        loss = jnp.where(where, loss, 0.0)
+    return loss, residual
+
+
+def _log_softmax_from(x, residual):
+    """log p = (x - m) - log_s, [..., V] f32, from the residual (never x - a rounded lse)."""
+    m, log_s = residual
+    return (x - m[..., None]) - log_s[..., None]
+
+
+def _zero_where_no_mass(logp, t):
+    """0 where log p is -inf and t is 0, so that ``t * log p`` is 0 there (0 log 0 = 0)."""
+    return jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
+
+
 # --- xla references (the impl="xla" path; JAX's autodiff differentiates them) -------------
 
 
@@ -45,57 +103,14 @@ def softmax_cross_entropy_with_integer_labels_reference(
     logits, labels, *, where=None, label_smoothing=0.0, z_loss=0.0
 ):
     """Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels`` (+ smoothing, z-loss)."""
-    x = logits.astype(jnp.float32)
-    v = x.shape[-1]
-    lse = jax.nn.logsumexp(x, axis=-1)
-    valid = (labels >= 0) & (labels < v)
-    label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    loss = lse - (1.0 - label_smoothing) * label_logit
-    if label_smoothing:
-        loss = loss - (label_smoothing / v) * jnp.sum(x, axis=-1)
-    if z_loss:
-        loss = loss + z_loss * lse**2
-    counted = jnp.ones(labels.shape, bool) if where is None else where
-    # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
-    # the multiplication is deliberate (it is the NaN we want), not a mask.
-    loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
-    return jnp.where(counted, loss, 0.0).astype(logits.dtype)
-
-
-def _safe_log_softmax(x, t):
-    """log_softmax(x), with 0 where x is -inf and t is 0 (so ``t * log p`` is 0 there)."""
-    logp = jax.nn.log_softmax(x, axis=-1)
-    return jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
+    loss, _ = _integer_label_loss(logits.astype(jnp.float32), labels, where, label_smoothing, z_loss)
+    return loss.astype(logits.dtype)
 
 
 def softmax_cross_entropy_reference(logits, labels, *, where=None):
     """Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` masked by ``where`` rows."""
-    x = logits.astype(jnp.float32)
-    t = labels.astype(jnp.float32)
-    loss = -jnp.sum(t * _safe_log_softmax(x, t), axis=-1)
-    if where is not None:
-        loss = jnp.where(where, loss, 0.0)
+    loss, _ = _probability_label_loss(logits.astype(jnp.float32), labels.astype(jnp.float32), where)
     return loss.astype(logits.dtype)
-
-
-# --- the residual ---------------------------------------------------------------------------
-
-
-def _split_logsumexp(x):
-    """(m, log_s), f32 [N] each, with logsumexp(x) = m + log_s; the kernels' residual.
-
-    ``m`` is the row max, or 0 where it is not finite (as in ``jax.nn.logsumexp``), so an
-    all ``-inf`` row gives ``log_s = -inf`` and no ``-inf - -inf``.
-    """
-    m = jnp.max(x, axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    return m, jnp.log(jnp.sum(jnp.exp(x - m[:, None]), axis=-1))
-
-
-def _log_softmax_from(x, residual):
-    """log p = (x - m) - log_s, [N, V] f32, from the residual (never x - rounded lse)."""
-    m, log_s = residual
-    return (x - m[:, None]) - log_s[:, None]
 
 
 # --- integer labels: custom_vjp ------------------------------------------------------------
@@ -105,11 +120,7 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
     """logits [N, V], labels int32 [N], where bool [N] -> loss f32 [N] (+ residuals)."""
 
     def jnp_path():
-        x = logits.astype(jnp.float32)
-        loss = softmax_cross_entropy_with_integer_labels_reference(
-            x, labels, where=where, label_smoothing=label_smoothing, z_loss=z_loss
-        )
-        return loss, _split_logsumexp(x)
+        return _integer_label_loss(logits.astype(jnp.float32), labels, where, label_smoothing, z_loss)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
@@ -176,8 +187,7 @@ def _prob_forward(logits, labels, where, impl, return_residuals):
     """logits [N, V], labels float [N, V], where bool [N] -> loss f32 [N] (+ residuals)."""
 
     def jnp_path():
-        x = logits.astype(jnp.float32)
-        return softmax_cross_entropy_reference(x, labels, where=where), _split_logsumexp(x)
+        return _probability_label_loss(logits.astype(jnp.float32), labels.astype(jnp.float32), where)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
@@ -220,10 +230,7 @@ def _prob_xent_bwd(impl, residuals, g):
     # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
     # elementwise pass and removes it entirely when the labels need no gradient (the usual
     # case).
-    x = logits.astype(jnp.float32)
-    logp = _log_softmax_from(x, lse_parts)
-    t = labels.astype(jnp.float32)
-    logp = jnp.where(jnp.isneginf(logp) & (t == 0), 0.0, logp)
+    logp = _zero_where_no_mass(_log_softmax_from(logits.astype(jnp.float32), lse_parts), labels.astype(jnp.float32))
     dlabels = jnp.where(where[:, None], -g[:, None] * logp, 0.0).astype(labels.dtype)
     return dlogits, dlabels, None
 
