@@ -190,7 +190,8 @@ def _prob_label_step(state, x, t, valid):
 
 
 def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
-    """Returns (loss, row_max, log_sum) [block_n, 1] from the final state.
+    """Returns (loss, row_max, log_sum) [block_n, 1] from the final state, and for
+    probability labels also label_sum = sum_j t_j (the backward's p * sum(t) needs it).
 
     lse - (1-a) x[y] - (a/V) sum_j x_j = log(s) + (1-a) (r - x[y]) + (a/V) sum_j (r - x_j),
     and for probability labels lse sum(t) - sum(t x) = sum(t) log(s) + sum_j t_j (r - x_j):
@@ -211,7 +212,8 @@ def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
         if z_loss:
             loss = loss + z_loss * lse * lse
         loss = jnp.where((label >= 0) & (label < v), loss, jnp.nan)
-    return jnp.where(row_on, loss, 0.0), r, log_s
+    outs = (jnp.where(row_on, loss, 0.0), r, log_s)
+    return (*outs, acc0) if prob_labels else outs
 
 
 def _grad_tile(
@@ -253,10 +255,7 @@ def _fwd_kernel_triton(
     logits_ref,
     labels_ref,
     where_ref,
-    loss_ref,
-    row_max_ref,
-    log_sum_ref,
-    *,
+    *out_refs,
     n,
     v,
     block_n,
@@ -267,7 +266,7 @@ def _fwd_kernel_triton(
 ):
     """Rows [block_n] per program over grid (cdiv(N, block_n),); in-kernel loop over
     cdiv(V, block_v) vocab blocks of logits_ref [block_n, V] (and labels_ref [block_n, V]
-    for probability labels)."""
+    for probability labels); out_refs: loss, row_max, log_sum (, label_sum) [block_n]."""
     rows = pl.program_id(0) * block_n + jnp.arange(block_n)
     row_ok = rows < n  # [block_n]
     row_on = (plgpu.load(where_ref, mask=row_ok, other=0) != 0)[:, None]
@@ -287,7 +286,7 @@ def _fwd_kernel_triton(
 
     state = lax.fori_loop(0, pl.cdiv(v, block_v), body, _init_state((block_n, 1)))
     outs = _finish(state, label, row_on, v=v, label_smoothing=label_smoothing, z_loss=z_loss, prob_labels=prob_labels)
-    for ref, value in zip((loss_ref, row_max_ref, log_sum_ref), outs):
+    for ref, value in zip(out_refs, outs, strict=True):
         plgpu.store(ref, value.reshape(block_n), mask=row_ok)
 
 
@@ -358,18 +357,19 @@ def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothin
         prob_labels=prob_labels,
     )
     out = jax.ShapeDtypeStruct((n,), jnp.float32)
-    loss, row_max, log_sum = pl.pallas_call(
+    num_out = 4 if prob_labels else 3
+    loss, *residual = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n),),
         in_specs=[full_rows, full_rows if prob_labels else row_spec, row_spec],
-        out_specs=[row_spec] * 3,
-        out_shape=[out] * 3,
+        out_specs=[row_spec] * num_out,
+        out_shape=[out] * num_out,
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(logits, labels, backward=False),
         interpret=interpret,
         name="fusedvjp_xent_fwd",
     )(logits, labels, where)
-    return loss, (row_max, log_sum)
+    return loss, tuple(residual)
 
 
 def _bwd_triton(
@@ -416,14 +416,7 @@ def _fwd_kernel_tpu(
     logits_ref,
     labels_ref,
     where_ref,
-    loss_ref,
-    row_max_ref,
-    log_sum_ref,
-    m_ref,
-    s_ref,
-    acc0_ref,
-    acc1_ref,
-    *,
+    *refs,
     v,
     block_n,
     block_v,
@@ -432,8 +425,10 @@ def _fwd_kernel_tpu(
     prob_labels,
 ):
     """Tile logits_ref [block_n, block_v] at grid (row block i, vocab block j); per-row
-    refs [block_n, 1]; scratch [block_n, 1] f32 carries (max, sum, acc0, acc1) over j."""
+    refs [block_n, 1]: outputs loss, row_max, log_sum (, label_sum), then the scratch
+    [block_n, 1] f32 that carries (max, sum, acc0, acc1) over j."""
     j = pl.program_id(1)
+    *out_refs, m_ref, s_ref, acc0_ref, acc1_ref = refs
     state_refs = (m_ref, s_ref, acc0_ref, acc1_ref)
 
     @pl.when(j == 0)
@@ -466,7 +461,7 @@ def _fwd_kernel_tpu(
             z_loss=z_loss,
             prob_labels=prob_labels,
         )
-        for ref, value in zip((loss_ref, row_max_ref, log_sum_ref), outs):
+        for ref, value in zip(out_refs, outs, strict=True):
             ref[...] = value
 
 
@@ -530,19 +525,20 @@ def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, 
         prob_labels=prob_labels,
     )
     out = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-    loss, row_max, log_sum = pl.pallas_call(
+    num_out = 4 if prob_labels else 3
+    loss, *residual = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
         in_specs=[tile, tile if prob_labels else row_spec, row_spec],
-        out_specs=[row_spec] * 3,
-        out_shape=[out] * 3,
+        out_specs=[row_spec] * num_out,
+        out_shape=[out] * num_out,
         scratch_shapes=[pltpu.VMEM((bs.block_n, 1), jnp.float32) for _ in range(4)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=_cost(logits, labels, backward=False),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_xent_fwd",
     )(logits, labels if prob_labels else _column(labels), _column(where))
-    return loss.reshape(n), (row_max.reshape(n), log_sum.reshape(n))
+    return loss.reshape(n), tuple(r.reshape(n) for r in residual)
 
 
 def _bwd_tpu(
@@ -627,7 +623,7 @@ def softmax_cross_entropy_fwd(
     z_loss: float = 0.0,
     backend: str | None = None,
     block_sizes: CrossEntropyBlockSizes | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Per-row softmax cross-entropy and its logsumexp residual, in one pass over the logits.
 
     Equivalent to (integer labels; probability labels use ``t = labels`` directly)::
@@ -654,8 +650,11 @@ def softmax_cross_entropy_fwd(
         (every backend when ``backend`` is None).
 
     Returns:
-      ``(loss, (row_max, log_sum))``, all [N] float32; ``row_max + log_sum`` is the row's
-      logsumexp (``row_max`` is 0 on a row that is all -inf, ``log_sum`` -inf there).
+      ``(loss, (row_max, log_sum))`` -- for probability labels ``(loss, (row_max, log_sum,
+      label_sum))`` -- all [N] float32; ``row_max + log_sum`` is the row's logsumexp
+      (``row_max`` is 0 on a row that is all -inf, ``log_sum`` -inf there), and
+      ``label_sum = sum_j t_j``, which the backward's ``p * sum(t)`` needs and the forward
+      has already summed (4N bytes, instead of a second read of the [N, V] labels).
       ``(row_max, log_sum)`` is the residual for the backward: with it
       ``p = exp((x - row_max) - log_sum)`` is recomputed blockwise without a second
       reduction pass. It is the logsumexp in two parts, not one f32 ``lse``, because
@@ -686,7 +685,7 @@ def softmax_cross_entropy_bwd(
     logits: jax.Array,
     labels: jax.Array,
     where: jax.Array,
-    residual: tuple[jax.Array, jax.Array],
+    residual: tuple[jax.Array, ...],
     g: jax.Array,
     *,
     label_smoothing: float = 0.0,
@@ -698,7 +697,7 @@ def softmax_cross_entropy_bwd(
 
     Equivalent to (``t`` as in the forward)::
 
-      row_max, log_sum = residual
+      row_max, log_sum = residual[:2]
       p = jnp.exp((logits.astype(f32) - row_max[:, None]) - log_sum[:, None])
       d = p * (t.sum(-1) + 2 * z_loss * (row_max + log_sum))[:, None] - t
       dlogits = jnp.where(where[:, None], g[:, None] * d, 0.0).astype(logits.dtype)
@@ -706,7 +705,8 @@ def softmax_cross_entropy_bwd(
     Args:
       logits, labels, where, label_smoothing, z_loss, backend, block_sizes: as passed
         to the forward.
-      residual: ``(row_max, log_sum)``, [N] float32 each, the forward's residual.
+      residual: the forward's residual: ``(row_max, log_sum)`` (``, label_sum`` for
+        probability labels), [N] float32 each.
       g: [N] float32, the cotangent of the loss.
 
     Returns:
@@ -719,22 +719,14 @@ def softmax_cross_entropy_bwd(
     """
     prob_labels = _check_args(logits, labels, where, label_smoothing, z_loss)
     n, v = logits.shape
-    if not (isinstance(residual, (tuple, list)) and len(residual) == 2):
-        raise ValueError(f"residual must be the forward's (row_max, log_sum) pair, got {type(residual).__name__}")
-    row_max, log_sum = residual
-    for name, a in (("row_max", row_max), ("log_sum", log_sum), ("g", g)):
+    names = ("row_max", "log_sum", "label_sum") if prob_labels else ("row_max", "log_sum")
+    if not (isinstance(residual, (tuple, list)) and len(residual) == len(names)):
+        raise ValueError(f"residual must be the forward's ({', '.join(names)}), got {residual!r:.80}")
+    for name, a in (*zip(names, residual), ("g", g)):
         if a.shape != (n,):
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
     _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
-    if prob_labels:
-        # sum(t) per row is recomputed here by an XLA reduction (one extra read of the
-        # [N, V] labels) rather than saved by the forward as a second residual (4N bytes,
-        # cheaper): the forward returns the same residual for both label kinds, and
-        # probability labels are the rarer, smaller-vocabulary case (distillation).
-        # Integer labels have sum(t) = 1 and need no such input.
-        row_extra = (jnp.sum(labels.astype(jnp.float32), axis=-1),)
-    else:
-        row_extra = ()
+    if not prob_labels:
         labels = labels.astype(jnp.int32)
     options = dict(block_sizes=block_sizes, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
     impls = {
@@ -746,10 +738,11 @@ def softmax_cross_entropy_bwd(
         logits,
         labels,
         where.astype(jnp.int32),
-        row_max.astype(jnp.float32),
-        log_sum.astype(jnp.float32),
+        *(r.astype(jnp.float32) for r in residual[:2]),
         g.astype(jnp.float32),
-        *row_extra,
+        # Probability labels: sum(t) per row, saved by the forward (4N bytes) rather than
+        # re-summed from the [N, V] labels here (an extra read of them).
+        *(r.astype(jnp.float32) for r in residual[2:]),
         backend=backend,
         op_name=_OP_NAME,
     )

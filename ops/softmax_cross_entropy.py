@@ -15,6 +15,8 @@ gradient) from the logits it reads anyway, so no [N, V] probability tensor is ke
 between the passes. Not one f32 ``lse``: its rounding, up to ``2**-24 |lse|`` (6e-4 at
 ``|x| ~ 1e4``), would be a relative error of every ``p``, while ``x - m`` is exact
 (Sterbenz) wherever ``p`` is not negligible and ``log_s <= log V`` rounds by ~1e-6.
+Probability labels add ``sum_j t_j`` per row to the residual: the forward sums it anyway,
+and the backward would otherwise read the [N, V] labels twice.
 
 Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in closed form
 ``loss = lse - (1 - a) x_y - (a / V) sum_j x_j``. The z-loss ``s * lse**2`` (PaLM/T5X) adds
@@ -77,17 +79,21 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
 
 
 def _probability_label_loss(x, t, where):
-    """f32 x, t [..., V] -> (loss f32 [...], residual (m, log_s)); ``0 * log 0 = 0``."""
+    """f32 x, t [..., V] -> (loss f32 [...], residual (m, log_s, sum_j t_j)); ``0 log 0 = 0``.
+
+    ``sum_j t_j`` joins the residual because the gradient ``p * sum(t) - t`` needs it and
+    the forward sums it anyway: the backward then reads the labels once, not twice.
+    """
     residual = _split_logsumexp(x)
     loss = -jnp.sum(t * _zero_where_no_mass(_log_softmax_from(x, residual), t), axis=-1)
     if where is not None:
         loss = jnp.where(where, loss, 0.0)
-    return loss, residual
+    return loss, (*residual, jnp.sum(t, axis=-1))
 
 
 def _log_softmax_from(x, residual):
     """log p = (x - m) - log_s, [..., V] f32, from the residual (never x - a rounded lse)."""
-    m, log_s = residual
+    m, log_s = residual[:2]
     return (x - m[..., None]) - log_s[..., None]
 
 
@@ -129,11 +135,11 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
             kernels.softmax_cross_entropy_fwd, logits, labels, where,
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
-        loss, lse_parts = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
+        loss, row_stats = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
     else:
-        loss, lse_parts = jnp_path()
+        loss, row_stats = jnp_path()
     if return_residuals:
-        return loss, (logits, labels, where, lse_parts)
+        return loss, (logits, labels, where, row_stats)
     return loss
 
 
@@ -147,18 +153,18 @@ def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl):
 
 
 def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
-    logits, labels, where, lse_parts = residuals
+    logits, labels, where, row_stats = residuals
     g = g.astype(jnp.float32)
 
     def jnp_path():
         x = logits.astype(jnp.float32)
         v = x.shape[-1]
-        p = jnp.exp(_log_softmax_from(x, lse_parts))
+        p = jnp.exp(_log_softmax_from(x, row_stats))
         # t = (1 - a) onehot(y) + a/V; an out-of-range y matches no column.
         onehot = jnp.arange(v)[None, :] == labels[:, None]
         t = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / v
         # z-loss: d (s lse^2) = 2 s lse p; lse = m + log_s rounds by 2**-24 relative, harmless.
-        lse = lse_parts[0] + lse_parts[1]
+        lse = row_stats[0] + row_stats[1]
         dx = p * (1.0 + 2.0 * z_loss * lse[:, None]) - t
         valid = (labels >= 0) & (labels < v)
         dx = jnp.where(valid[:, None], dx, jnp.nan)
@@ -168,7 +174,7 @@ def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
         kernel = functools.partial(
-            kernels.softmax_cross_entropy_bwd, logits, labels, where, lse_parts, g,
+            kernels.softmax_cross_entropy_bwd, logits, labels, where, row_stats, g,
             label_smoothing=label_smoothing, z_loss=z_loss,
         )
         dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
@@ -193,11 +199,11 @@ def _prob_forward(logits, labels, where, impl, return_residuals):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
         kernel = functools.partial(kernels.softmax_cross_entropy_fwd, logits, labels, where)
-        loss, lse_parts = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
+        loss, row_stats = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
     else:
-        loss, lse_parts = jnp_path()
+        loss, row_stats = jnp_path()
     if return_residuals:
-        return loss, (logits, labels, where, lse_parts)
+        return loss, (logits, labels, where, row_stats)
     return loss
 
 
@@ -211,26 +217,27 @@ def _prob_xent_fwd(logits, labels, where, impl):
 
 
 def _prob_xent_bwd(impl, residuals, g):
-    logits, labels, where, lse_parts = residuals
+    logits, labels, where, row_stats = residuals
     g = jnp.where(where, g.astype(jnp.float32), 0.0)
 
     def jnp_path():
         x = logits.astype(jnp.float32)
         t = labels.astype(jnp.float32)
-        p = jnp.exp(_log_softmax_from(x, lse_parts))
-        return (g[:, None] * (p * jnp.sum(t, axis=-1, keepdims=True) - t)).astype(logits.dtype)
+        p = jnp.exp(_log_softmax_from(x, row_stats))
+        label_sum = row_stats[2]
+        return (g[:, None] * (p * label_sum[:, None] - t)).astype(logits.dtype)
 
     if uses_kernels(impl):
         from fusedvjp.kernels import softmax_cross_entropy as kernels
 
-        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, lse_parts, g)
+        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, row_stats, g)
         dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
     else:
         dlogits = jnp_path()
     # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
     # elementwise pass and removes it entirely when the labels need no gradient (the usual
     # case).
-    logp = _zero_where_no_mass(_log_softmax_from(logits.astype(jnp.float32), lse_parts), labels.astype(jnp.float32))
+    logp = _zero_where_no_mass(_log_softmax_from(logits.astype(jnp.float32), row_stats), labels.astype(jnp.float32))
     dlabels = jnp.where(where[:, None], -g[:, None] * logp, 0.0).astype(labels.dtype)
     return dlogits, dlabels, None
 

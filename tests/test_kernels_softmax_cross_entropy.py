@@ -37,7 +37,7 @@ FEATURES = {
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "z_loss", "backend", "block_sizes"))
 def _kernel_fwd_bwd(logits, labels, where, g, *, label_smoothing, z_loss, backend, block_sizes):
-    """(loss, (row_max, log_sum), dlogits) from the two launchers."""
+    """(loss, residual, dlogits) from the two launchers."""
     opts = dict(label_smoothing=label_smoothing, z_loss=z_loss, backend=backend, block_sizes=block_sizes)
     loss, residual = xent.softmax_cross_entropy_fwd(logits, labels, where, **opts)
     return loss, residual, xent.softmax_cross_entropy_bwd(logits, labels, where, residual, g, **opts)
@@ -45,17 +45,22 @@ def _kernel_fwd_bwd(logits, labels, where, g, *, label_smoothing, z_loss, backen
 
 def _lse(residual):
     """The logsumexp the residual stands for, row_max + log_sum, in f32 as a user forms it."""
-    row_max, log_sum = residual
+    row_max, log_sum = residual[:2]
     return np.asarray(row_max + log_sum)
 
 
-def _check_residual(residual, logits):
-    """row_max is exactly the row's max logit (0 on an all -inf row); f32 [N] both."""
-    row_max, log_sum = map(np.asarray, residual)
+def _check_residual(residual, logits, labels):
+    """row_max is exactly the row's max logit (0 on an all -inf row); f32 [N] each; for
+    probability labels a third entry, sum_j t_j per row."""
+    prob_labels = labels.ndim == 2
+    assert len(residual) == (3 if prob_labels else 2)
+    residual = [np.asarray(r) for r in residual]
     n = logits.shape[0]
-    assert row_max.shape == log_sum.shape == (n,) and row_max.dtype == log_sum.dtype == np.float32
+    assert all(r.shape == (n,) and r.dtype == np.float32 for r in residual)
     want = np.max(np.asarray(logits, np.float32), axis=-1)
-    np.testing.assert_array_equal(row_max, np.where(want == -np.inf, 0.0, want))
+    np.testing.assert_array_equal(residual[0], np.where(want == -np.inf, 0.0, want))
+    if prob_labels:
+        np.testing.assert_allclose(residual[2], np.asarray(labels, np.float64).sum(-1), rtol=1e-5)
 
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "z_loss"))
@@ -127,7 +132,7 @@ def _check_f32(rng, backend, n, v, feature, block_sizes):
     loss, residual, dlogits = _kernel_fwd_bwd(
         logits, labels, where, g, backend=backend, block_sizes=block_sizes, **opts
     )
-    _check_residual(residual, logits)
+    _check_residual(residual, logits, labels)
     lse = _lse(residual)
     assert loss.shape == (n,) and loss.dtype == jnp.float32
     assert dlogits.shape == (n, v) and dlogits.dtype == jnp.float32
@@ -180,7 +185,7 @@ def test_bfloat16(rng, backend, feature):
     logits, labels, where, g = _inputs(rng, 37, 1000, jnp.bfloat16, prob_labels)
     opts = dict(label_smoothing=a, z_loss=z)
     loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    _check_residual(residual, logits)
+    _check_residual(residual, logits, labels)
     lse = _lse(residual)
     assert loss.dtype == jnp.float32 and dlogits.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(dlogits, np.float32)).all()
@@ -227,7 +232,7 @@ def test_neg_inf_logits(rng, backend, feature):
     g = randn(rng, (n,), jnp.float32)
     opts = dict(label_smoothing=a, z_loss=z)
     loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    _check_residual(residual, logits)
+    _check_residual(residual, logits, labels)
     loss, lse, dlogits = np.asarray(loss), _lse(residual), np.asarray(dlogits)
     ref_loss, ref_lse, ref_dlogits = float64_oracle(_reference, logits, labels, where, g, **opts)
 
@@ -269,7 +274,7 @@ def test_extreme_magnitudes(rng, backend, feature):
     logits = jnp.asarray(x, jnp.float32)
     opts = dict(label_smoothing=a, z_loss=z)
     loss, residual, dlogits = _kernel_fwd_bwd(logits, labels, where, g, backend=backend, block_sizes=SMALL, **opts)
-    _check_residual(residual, logits)
+    _check_residual(residual, logits, labels)
     lse = _lse(residual)
     for out in (loss, lse, dlogits):
         assert np.isfinite(np.asarray(out)).all()
@@ -380,10 +385,13 @@ def test_argument_validation():
     residual = (jnp.zeros(4), jnp.zeros(4))
     with pytest.raises(ValueError, match=r"g must be \[N\]"):
         bwd(logits, labels, where, residual, jnp.ones(3))
-    with pytest.raises(ValueError, match=r"residual must be the forward's \(row_max, log_sum\) pair"):
+    with pytest.raises(ValueError, match=r"residual must be the forward's \(row_max, log_sum\)"):
         bwd(logits, labels, where, jnp.zeros(4), jnp.ones(4))
     with pytest.raises(ValueError, match=r"log_sum must be \[N\]"):
         bwd(logits, labels, where, (jnp.zeros(4), jnp.zeros(3)), jnp.ones(4))
+    probs = jnp.full(logits.shape, 1.0 / logits.shape[1], jnp.float32)
+    with pytest.raises(ValueError, match=r"residual must be the forward's \(row_max, log_sum, label_sum\)"):
+        bwd(logits, probs, where, residual, jnp.ones(4))
 
 
 # --- lowering for accelerators (on this CPU machine) ------------------------------------
