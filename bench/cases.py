@@ -259,14 +259,7 @@ def _train_step(params, x, y, *, impl):
 
 def _fwd_bwd(op, diff_argnums, *args_and_cotangent):
     *args, g = args_and_cotangent
-
-    def of_diff(*diff):
-        full = list(args)
-        for i, a in zip(diff_argnums, diff):
-            full[i] = a
-        return op(*full)
-
-    out, vjp = jax.vjp(of_diff, *(args[i] for i in diff_argnums))
+    out, vjp = registry.vjp_wrt(op, args, diff_argnums)
     return out, vjp(g)
 
 

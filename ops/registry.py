@@ -64,6 +64,26 @@ class OpSpec:
 REGISTRY: dict[str, OpSpec] = {}
 
 
+def differentiable(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[int]):
+    """``fn`` as a function of ``args[i]`` for ``i`` in ``argnums`` only, the others (labels,
+    masks) held fixed. Returns ``(f, diff_args)`` with ``f(*diff_args) == fn(*args)``."""
+
+    def f(*diff):
+        full = list(args)
+        for i, a in zip(argnums, diff, strict=True):
+            full[i] = a
+        return fn(*full)
+
+    return f, tuple(args[i] for i in argnums)
+
+
+def vjp_wrt(fn: Callable[..., Any], args: Sequence[Any], argnums: Sequence[int]):
+    """``jax.vjp`` of ``fn(*args)`` with respect to ``args[argnums]``: ``(out, vjp_fn)``. The
+    tests, the float64 oracle and the benchmark all take the VJP this one way."""
+    f, diff = differentiable(fn, args, argnums)
+    return jax.vjp(f, *diff)
+
+
 def register(spec: OpSpec) -> OpSpec:
     if spec.name in REGISTRY:
         raise ValueError(f"op {spec.name!r} is already registered")

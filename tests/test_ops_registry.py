@@ -9,6 +9,8 @@ TPU with the kernel's custom call asserted in the module.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,39 +33,22 @@ def _cases():
                                        id=f"{spec.name}-{'x'.join(map(str, shape))}-opt{i}-{dname}")
 
 
-def _split(spec, args):
-    diff = tuple(args[i] for i in spec.diff_argnums)
-    def rebuild(*d):
-        full = list(args)
-        for i, a in zip(spec.diff_argnums, d):
-            full[i] = a
-        return full
-    return diff, rebuild
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("spec,shape,options,dname", list(_cases()))
 def test_forward_and_vjp_match_float64(spec, shape, options, dname, impl, rng):
     dtype = DTYPES[dname]
     args = spec.make_inputs(rng, shape, dtype)
-    diff, rebuild = _split(spec, args)
-
-    def op(*d):
-        return spec.fn(*rebuild(*d), impl=impl, **options)
-
-    def ref(*d):
-        return spec.reference(*rebuild(*d), **options)
-
-    out, vjp = jax.vjp(op, *diff)
+    diff = tuple(args[i] for i in spec.diff_argnums)
+    out, vjp = registry.vjp_wrt(functools.partial(spec.fn, impl=impl, **options), args, spec.diff_argnums)
     assert out.dtype == args[0].dtype, f"output dtype {out.dtype} != input dtype {args[0].dtype}"
     g = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
     grads = vjp(g)
 
-    def ref_vjp(d, g):
-        o, f = jax.vjp(ref, *d)
+    def ref_vjp(a, g):
+        o, f = registry.vjp_wrt(functools.partial(spec.reference, **options), a, spec.diff_argnums)
         return o, f(g)
 
-    ref_out, ref_grads = float64_oracle(ref_vjp, diff, g)
+    ref_out, ref_grads = float64_oracle(ref_vjp, args, g)
     assert np.isfinite(np.asarray(out, np.float64)).all(), "non-finite output: an unwritten or unmasked block"
     assert_close(out, ref_out, dtype, err_msg=f"{spec.name} forward ({impl})")
     for i, (got, want) in enumerate(zip(grads, ref_grads)):
@@ -77,9 +62,8 @@ def test_check_grads_jnp_path(spec, rng):
     """Finite differences against the hand-written VJP, at a small shape (f32 FD is coarse)."""
     shape = tuple(min(d, 8) for d in spec.test_shapes[0])
     args = spec.make_inputs(rng, shape, jnp.float32)
-    diff, rebuild = _split(spec, args)
     for options in spec.options:
-        f = lambda *d: spec.fn(*rebuild(*d), impl="jnp", **options)  # noqa: E731
+        f, diff = registry.differentiable(functools.partial(spec.fn, impl="jnp", **options), args, spec.diff_argnums)
         check_grads(f, diff, order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
