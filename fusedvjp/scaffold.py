@@ -157,7 +157,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
+from fusedvjp.ops._dispatch import (
+    check_float,
+    check_static_float,
+    compute_dtype,
+    resolve_impl,
+    reverse_mode_only,
+    run_kernel,
+)
 
 
 def {name}_reference({arrays}{rsig}):
@@ -171,21 +178,24 @@ def {name}_reference({arrays}{rsig}):
 # --- custom_vjp: primal and forward rule share _forward ------------------------------------
 
 
+def _forward_jnp({arrays}{kwsig}):
+    """x [rows, cols] -> (out, residuals): the jnp forward; the kernels' forward returns the same."""
+    # TODO(scaffold): the jnp forward in compute_dtype(x.dtype) (f32; f64 under x64), with
+    # the residuals the backward needs.
+    raise NotImplementedError("TODO(scaffold): {name} jnp forward")
+
+
 def _forward({arrays}, {opt_args}impl, return_residuals):
-    """x [rows, cols] -> out (+ residuals): the one forward, for the primal and the fwd rule."""
+    """The one forward, for the primal and the fwd rule."""
+    from fusedvjp.kernels import {name} as kernels
 
-    def jnp_path():
-        # TODO(scaffold): the jnp forward; return (out, residuals) with the residuals the
-        # backward needs (the kernels' forward returns the same).
-        raise NotImplementedError("TODO(scaffold): {name} jnp forward")
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import {name} as kernels
-
-        kernel = functools.partial(kernels.{name}_fwd, {arrays}{kpass})
-        out, residuals = run_kernel(impl, kernel, jnp_path, "{name}")
-    else:
-        out, residuals = jnp_path()
+    out, residuals = run_kernel(
+        impl,
+        functools.partial(kernels.{name}_fwd{kpass}),
+        functools.partial(_forward_jnp{kpass}),
+        ({arrays},),
+        "{name}",
+    )
     # TODO(scaffold): say why each residual is kept.
     return (out, ({arrays}, residuals)) if return_residuals else out
 
@@ -199,20 +209,23 @@ def _{name}_fwd({arrays}, {opt_args}impl):
     return _forward({arrays}, {opt_args}impl, return_residuals=True)
 
 
+def _backward_jnp({arrays}, residuals, g{kwsig}):
+    """The hand-written VJP in jnp: one cotangent per array input, in order."""
+    # TODO(scaffold): math in the residuals' dtype; cast each cotangent to its input's dtype.
+    raise NotImplementedError("TODO(scaffold): {name} jnp backward")
+
+
 def _{name}_bwd({opt_args}impl, saved, g):
+    from fusedvjp.kernels import {name} as kernels
+
     {arrays}, residuals = saved
-
-    def jnp_path():
-        # TODO(scaffold): the hand-written VJP in jnp (f32 math, cast each cotangent to its
-        # input's dtype); one cotangent per array input, in order.
-        raise NotImplementedError("TODO(scaffold): {name} jnp backward")
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import {name} as kernels
-
-        kernel = functools.partial(kernels.{name}_bwd, {arrays}, residuals, g{kpass})
-        return tuple(run_kernel(impl, kernel, jnp_path, "{name}"))
-    return tuple(jnp_path())
+    return tuple(run_kernel(
+        impl,
+        functools.partial(kernels.{name}_bwd{kpass}),
+        functools.partial(_backward_jnp{kpass}),
+        ({arrays}, residuals, g),
+        "{name}",
+    ))
 
 
 _{name}.defvjp(_{name}_fwd, _{name}_bwd)
@@ -251,7 +264,8 @@ def {name}({arrays}, *{psig}, impl="auto"):
     rows = math.prod(x.shape[:-1])
     x2 = x.reshape(rows, x.shape[-1])
     # TODO(scaffold): reshape the output if it is not x-shaped.
-    return _{name}(x2{params_tail}, {opt_args}impl).reshape(x.shape)
+    with reverse_mode_only("{name}", impl):
+        return _{name}(x2{params_tail}, {opt_args}impl).reshape(x.shape)
 '''
 
 TEST_TEMPLATE = '''"""{name}: what the registry's generic tests do not cover.
@@ -370,6 +384,7 @@ def _fragments(name: str, params: list[str], options: dict[str, str]) -> dict[st
         lsig="".join(f", {o}" for o in opt_names),
         lpass="".join(f", {o}={o}" for o in opt_names),
         kpass="".join(f", {o}={o}" for o in opt_names),
+        kwsig=(", *, " + ", ".join(opt_names)) if opt_names else "",
         rsig="".join(f", *, {o}={d}" if i == 0 else f", {o}={d}" for i, (o, d) in enumerate(options.items())),
         rpass="".join(f", {o}={o}" for o in opt_names),
         psig="".join(f", {o}={d}" for o, d in options.items()),

@@ -614,6 +614,19 @@ def _check_args(logits, labels, where, label_smoothing, z_loss) -> bool:
     )
 
 
+def _kernel_labels(labels: jax.Array, prob_labels: bool) -> jax.Array:
+    """Labels as the kernels read them: int32 class indices, or probabilities of >= 2 bytes.
+
+    1-byte probabilities (float8) are widened to bf16, which holds every float8 value
+    exactly. The Pallas Triton lowering switches element offsets to 64 bits only for
+    arrays over 2**32 *bytes*; a 1-byte [N, V] array of 2**31..2**32 elements would get
+    32-bit offsets and wrap (tests/test_offsets.py guards this).
+    """
+    if not prob_labels:
+        return labels.astype(jnp.int32)
+    return labels.astype(jnp.bfloat16) if jnp.dtype(labels.dtype).itemsize == 1 else labels
+
+
 def softmax_cross_entropy_fwd(
     logits: jax.Array,
     labels: jax.Array,
@@ -675,7 +688,7 @@ def softmax_cross_entropy_fwd(
         "triton": functools.partial(_fwd_triton, **options),
         "mosaic_tpu": functools.partial(_fwd_tpu, **options),
     }
-    labels = labels if prob_labels else labels.astype(jnp.int32)
+    labels = _kernel_labels(labels, prob_labels)
     return _common.platform_dispatch(
         impls, logits, labels, where.astype(jnp.int32), backend=backend, op_name=_OP_NAME
     )
@@ -726,8 +739,7 @@ def softmax_cross_entropy_bwd(
         if a.shape != (n,):
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
     _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
-    if not prob_labels:
-        labels = labels.astype(jnp.int32)
+    labels = _kernel_labels(labels, prob_labels)
     options = dict(block_sizes=block_sizes, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
     impls = {
         "triton": functools.partial(_bwd_triton, **options),

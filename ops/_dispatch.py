@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,15 +41,66 @@ def uses_kernels(impl: str) -> bool:
     return impl in ("pallas", PALLAS_OR_JNP)
 
 
-def run_kernel(impl: str, kernel: Callable[[], Any], jnp_path: Callable[[], Any], op_name: str) -> Any:
-    """Runs ``kernel()``; under ``PALLAS_OR_JNP`` a refusal falls back to ``jnp_path()``."""
+def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., Any], args: Sequence[Any],
+               op_name: str) -> Any:
+    """``kernel(*args)`` when ``impl`` uses the kernels, else ``jnp_path(*args)``.
+
+    Both compute the same function of ``args`` (arrays or None; options are bound in).
+    Under ``PALLAS_OR_JNP`` a refusal (``NotImplementedError``) falls back to the jnp path
+    with an :class:`UnsupportedCaseWarning`; ``impl="pallas"`` gets the error. Empty
+    arrays run the jnp path on every impl: there is nothing for a kernel to stream, and
+    a zero-sized grid is not a case worth a kernel's special-casing.
+
+    The kernel is wrapped in a ``jax.custom_jvp`` whose rule is the jnp path's JVP. The
+    first derivative never uses it (the ops' hand-written ``custom_vjp`` rules call the
+    kernels with plain values); it is what lets a second derivative (``jax.hessian``,
+    ``grad`` of ``grad``) differentiate the custom_vjp rules themselves: a ``pallas_call``
+    has no derivative of its own, so the derivative of a kernel's output is taken
+    through the jnp computation of the same function.
+    """
+    if not uses_kernels(impl) or any(jnp.size(a) == 0 for a in jax.tree.leaves(args)):
+        return jnp_path(*args)
     try:
-        return kernel()
+        return _with_jnp_derivatives(kernel, jnp_path)(*args)
     except NotImplementedError as e:
         if impl == "pallas":
             raise
         warnings.warn(f"{op_name}: {e}; using the jnp implementation", UnsupportedCaseWarning, stacklevel=3)
-        return jnp_path()
+        return jnp_path(*args)
+
+
+def _with_jnp_derivatives(kernel: Callable[..., Any], jnp_path: Callable[..., Any]) -> Callable[..., Any]:
+    fn = jax.custom_jvp(kernel)
+    fn.defjvp(lambda primals, tangents: jax.jvp(jnp_path, primals, tangents))
+    return fn
+
+
+@contextlib.contextmanager
+def reverse_mode_only(op_name: str, impl: str):
+    """Names the op and the alternative when forward-mode autodiff meets a custom_vjp.
+
+    The hand-written backward passes are reverse-mode rules (``jax.custom_vjp``), which
+    JAX cannot run in forward mode (``jax.jvp``, ``jax.jacfwd``, the linear map that
+    ``jax.linearize`` returns -- applied after the op has returned, so that one keeps
+    JAX's own message); ``jax.grad``, ``jax.vjp`` and ``jax.hessian`` work.
+    ``impl="xla"`` is plain jnp and supports every mode.
+    """
+    try:
+        yield
+    except TypeError as e:
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            f"fusedvjp.ops.{op_name}(impl={impl!r}) has a hand-written reverse-mode VJP and no forward-mode "
+            f"rule, so jax.jvp / jax.jacfwd cannot differentiate it (jax.grad, jax.vjp and jax.hessian "
+            f"can). For forward mode use impl=\"xla\" (plain jnp, differentiated by JAX)."
+        ) from e
+
+
+def compute_dtype(*dtypes) -> jnp.dtype:
+    """The dtype the jnp paths compute in: float64 when an input is float64 (x64 mode),
+    else float32 -- 16-bit inputs are computed in f32 and rounded once at the end."""
+    return jnp.dtype(jnp.float64) if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.dtype(jnp.float32)
 
 
 def check_float(name: str, x: jax.Array) -> None:

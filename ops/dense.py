@@ -22,14 +22,32 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedvjp.ops._dispatch import check_float, resolve_impl, run_kernel, uses_kernels
+from fusedvjp.ops._dispatch import check_float, compute_dtype, resolve_impl, reverse_mode_only, run_kernel
 
 ACTIVATIONS = (None, "tanh")
-# f32 matmuls run at IEEE f32 precision on every path. The default f32 dot is TF32 both
-# in XLA on GPU and in the Pallas Triton lowering (which maps only HIGHEST to "ieee"), and
-# single-pass bf16 on TPU; pinning HIGHEST everywhere keeps the reference, the jnp path and
-# the kernels comparable, and the benchmark like with like.
-PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _is_16_bit(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` at the precision its dtype gets on every path, the kernels included.
+
+    16-bit operands: one pass at default precision with f32 accumulation (tensor cores),
+    the result in the operands' dtype -- what ``x @ w`` in user code does, so that XLA's
+    autodiff of the reference (the benchmark's baseline) runs its backward matmuls on
+    16-bit operands too, with the cotangent ``dz`` rounded once, as the kernels round it.
+    f32 (f64 in x64 mode): IEEE at ``Precision.HIGHEST``. The default f32 dot is TF32 in
+    XLA on GPU and in the Pallas Triton lowering (which maps only HIGHEST to "ieee"), and
+    single-pass bf16 on TPU; HIGHEST everywhere keeps the paths comparable.
+    """
+    if _is_16_bit(a.dtype):
+        # No preferred_element_type: with an f32 result type, autodiff would transpose this
+        # dot into f32 x f32 matmuls. XLA accumulates a bf16 dot in f32 (cuBLAS, the TPU
+        # MXU, the CPU emitter) and rounds the result once.
+        return jnp.matmul(a, b)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
 
 
 def _activate(z: jax.Array, activation: str | None) -> jax.Array:
@@ -39,11 +57,12 @@ def _activate(z: jax.Array, activation: str | None) -> jax.Array:
 def dense_reference(x, w, b=None, *, activation=None):
     """The ``impl="xla"`` path: plain jnp, differentiated by JAX's autodiff.
 
-    Equivalent to: ``act(x @ w + b).astype(x.dtype)`` with f32 accumulation.
+    Equivalent to: ``act(x @ w + b)`` with the bias and activation in f32 (f64 for f64
+    inputs), cast to ``x.dtype``; the matmul as in :func:`_matmul`.
     """
-    z = jnp.matmul(x, w, precision=PRECISION, preferred_element_type=jnp.float32)
+    z = _matmul(x, w).astype(compute_dtype(x.dtype))
     if b is not None:
-        z = z + b.astype(jnp.float32)
+        z = z + b.astype(z.dtype)
     return _activate(z, activation).astype(x.dtype)
 
 
@@ -51,15 +70,15 @@ def dense_reference(x, w, b=None, *, activation=None):
 
 
 def _dense_forward(x, w, b, activation, impl, return_residuals):
-    def jnp_path():
-        return dense_reference(x, w, b, activation=activation)
+    from fusedvjp.kernels import dense as kernels
 
-    if uses_kernels(impl):
-        from fusedvjp.kernels import dense as kernels
-
-        a = run_kernel(impl, lambda: kernels.dense_fwd(x, w, b, activation=activation), jnp_path, "dense")
-    else:
-        a = jnp_path()
+    a = run_kernel(
+        impl,
+        functools.partial(kernels.dense_fwd, activation=activation),
+        functools.partial(dense_reference, activation=activation),
+        (x, w, b),
+        "dense",
+    )
     if return_residuals:
         # x and w for the two matmuls of the backward; a for tanh's derivative.
         return a, (x, w, a, b is not None)
@@ -76,23 +95,28 @@ def _dense_fwd_rule(x, w, b, activation, impl):
 
 
 def _dense_bwd_rule(activation, impl, residuals, g):
+    from fusedvjp.kernels import dense as kernels
+
     x, w, a, has_bias = residuals
-    jnp_path = functools.partial(_dense_bwd_jnp, x, w, a, g, has_bias, activation)
-    if uses_kernels(impl):
-        from fusedvjp.kernels import dense as kernels
+    options = dict(has_bias=has_bias, activation=activation)
+    return run_kernel(
+        impl,
+        functools.partial(kernels.dense_bwd, **options),
+        functools.partial(_dense_bwd_jnp, **options),
+        (x, w, a, g),
+        "dense",
+    )
 
-        kernel = functools.partial(kernels.dense_bwd, x, w, a, g, has_bias=has_bias, activation=activation)
-        return run_kernel(impl, kernel, jnp_path, "dense")
-    return jnp_path()
 
-
-def _dense_bwd_jnp(x, w, a, g, has_bias, activation):
-    a32 = a.astype(jnp.float32)
-    dz = g.astype(jnp.float32)
+def _dense_bwd_jnp(x, w, a, g, *, has_bias, activation):
+    dz = g.astype(compute_dtype(x.dtype))
     if activation == "tanh":
-        dz = dz * (1.0 - a32 * a32)  # tanh'(z) = 1 - tanh(z)**2 = 1 - a**2
-    dx = jnp.matmul(dz, w.T.astype(jnp.float32), precision=PRECISION).astype(x.dtype)
-    dw = jnp.matmul(x.T.astype(jnp.float32), dz, precision=PRECISION).astype(w.dtype)
+        a = a.astype(dz.dtype)
+        dz = dz * (1.0 - a * a)  # tanh'(z) = 1 - tanh(z)**2 = 1 - a**2
+    # dz is rounded to the operand dtype once, as the kernels do, before both matmuls.
+    dz_operand = dz.astype(x.dtype)
+    dx = _matmul(dz_operand, w.T).astype(x.dtype)
+    dw = _matmul(x.T, dz_operand).astype(w.dtype)
     db = jnp.sum(dz, axis=0).astype(w.dtype) if has_bias else None
     return dx, dw, db
 
@@ -132,13 +156,15 @@ def dense(x, w, b=None, *, activation=None, impl="auto"):
       impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
-      ``[..., N]`` in ``x.dtype``; the matmul accumulates in f32 at IEEE precision.
+      ``[..., N]`` in ``x.dtype``. f32 inputs: IEEE f32 matmul (``Precision.HIGHEST``);
+      bf16: bf16 operands, f32 accumulation, in both directions; f64 (x64 mode): f64 on
+      the xla and jnp paths (the kernels refuse f64, so ``"auto"`` falls back to jnp).
 
     Raises:
       ValueError / TypeError: mismatched K, wrong ranks, non-float inputs, unknown
         ``impl`` or ``activation``.
 
-    Equivalent to: ``act(jnp.matmul(x, w, preferred_element_type=f32) + b).astype(x.dtype)``.
+    Equivalent to: ``act(x @ w + b)`` with the bias and activation in f32, cast to ``x.dtype``.
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     b = None if b is None else jnp.asarray(b)
@@ -152,7 +178,8 @@ def dense(x, w, b=None, *, activation=None, impl="auto"):
         return dense_reference(x, w, b, activation=activation)
     batch_shape = x.shape[:-1]
     x2 = x.reshape(math.prod(batch_shape), x.shape[-1])
-    a = _dense(x2, w, b, activation, impl)
+    with reverse_mode_only("dense_tanh" if activation == "tanh" else "dense", impl):
+        a = _dense(x2, w, b, activation, impl)
     return a.reshape(*batch_shape, w.shape[1])
 
 

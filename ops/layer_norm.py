@@ -42,21 +42,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
+from fusedvjp.ops._dispatch import (
+    check_float,
+    check_static_float,
+    compute_dtype,
+    resolve_impl,
+    reverse_mode_only,
+    run_kernel,
+)
 
 
 def layer_norm_reference(x, scale, bias, *, eps=1e-6):
     """The ``impl="xla"`` path: plain jnp, differentiated by JAX's autodiff.
 
     Equivalent to: ``((x - mean) * rsqrt(var + eps) * scale + bias).astype(x.dtype)`` over
-    the last axis, with mean and the biased var in f32.
+    the last axis, with mean and the biased var in f32 (f64 for f64 inputs).
     """
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    xc = x32 - mean
-    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-    y = xc * lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    y, _ = _statistics_and_output(x, scale, bias, eps=eps)
+    return y
+
+
+def _statistics_and_output(x, scale, bias, *, eps):
+    """x [..., D] -> (y [..., D] in x's dtype, (mean, rstd) [...] in the compute dtype)."""
+    ct = compute_dtype(x.dtype)
+    x32 = x.astype(ct)
+    mean = jnp.mean(x32, axis=-1)
+    xc = x32 - mean[..., None]
+    rstd = lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)
+    y = xc * rstd[..., None] * scale.astype(ct) + bias.astype(ct)
+    return y.astype(x.dtype), (mean, rstd)
 
 
 # --- custom_vjp: primal and forward rule share _forward ------------------------------------
@@ -64,22 +78,15 @@ def layer_norm_reference(x, scale, bias, *, eps=1e-6):
 
 def _forward(x, scale, bias, eps, impl, return_residuals):
     """x [N, D], scale and bias [D] in x's dtype -> y [N, D] (+ residuals)."""
+    from fusedvjp.kernels import layer_norm as kernels
 
-    def jnp_path():
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1)
-        xc = x32 - mean[:, None]
-        rstd = lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)
-        y = xc * rstd[:, None] * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(x.dtype), (mean, rstd)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import layer_norm as kernels
-
-        kernel = functools.partial(kernels.layer_norm_fwd, x, scale, bias, eps=eps)
-        y, (mean, rstd) = run_kernel(impl, kernel, jnp_path, "layer_norm")
-    else:
-        y, (mean, rstd) = jnp_path()
+    y, (mean, rstd) = run_kernel(
+        impl,
+        functools.partial(kernels.layer_norm_fwd, eps=eps),
+        functools.partial(_statistics_and_output, eps=eps),
+        (x, scale, bias),
+        "layer_norm",
+    )
     # x and scale are read again by the backward; mean and rstd (f32 [N]) rebuild xhat.
     return (y, (x, scale, mean, rstd)) if return_residuals else y
 
@@ -93,29 +100,26 @@ def _layer_norm_fwd(x, scale, bias, eps, impl):
     return _forward(x, scale, bias, eps, impl, return_residuals=True)
 
 
+def _layer_norm_bwd_jnp(x, scale, mean, rstd, g):
+    d = x.shape[-1]
+    ct = mean.dtype
+    g32 = g.astype(ct)
+    xhat = (x.astype(ct) - mean[:, None]) * rstd[:, None]
+    dxhat = g32 * scale.astype(ct)
+    c1 = jnp.sum(dxhat * xhat, axis=-1, keepdims=True) / d
+    c2 = jnp.sum(dxhat, axis=-1, keepdims=True) / d
+    dx = rstd[:, None] * (dxhat - c2 - xhat * c1)
+    dscale = jnp.sum(g32 * xhat, axis=0)
+    dbias = jnp.sum(g32, axis=0)
+    # scale and bias have x's dtype here (the public function casts them).
+    return dx.astype(x.dtype), dscale.astype(x.dtype), dbias.astype(x.dtype)
+
+
 def _layer_norm_bwd(eps, impl, residuals, g):
     del eps  # rstd already holds it
-    x, scale, mean, rstd = residuals
+    from fusedvjp.kernels import layer_norm as kernels
 
-    def jnp_path():
-        d = x.shape[-1]
-        g32 = g.astype(jnp.float32)
-        xhat = (x.astype(jnp.float32) - mean[:, None]) * rstd[:, None]
-        dxhat = g32 * scale.astype(jnp.float32)
-        c1 = jnp.sum(dxhat * xhat, axis=-1, keepdims=True) / d
-        c2 = jnp.sum(dxhat, axis=-1, keepdims=True) / d
-        dx = rstd[:, None] * (dxhat - c2 - xhat * c1)
-        dscale = jnp.sum(g32 * xhat, axis=0)
-        dbias = jnp.sum(g32, axis=0)
-        # scale and bias have x's dtype here (the public function casts them).
-        return dx.astype(x.dtype), dscale.astype(x.dtype), dbias.astype(x.dtype)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import layer_norm as kernels
-
-        kernel = functools.partial(kernels.layer_norm_bwd, x, scale, mean, rstd, g)
-        return run_kernel(impl, kernel, jnp_path, "layer_norm")
-    return jnp_path()
+    return run_kernel(impl, kernels.layer_norm_bwd, _layer_norm_bwd_jnp, (*residuals, g), "layer_norm")
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -147,7 +151,8 @@ def layer_norm(x, scale, bias, *, eps=1e-6, impl="auto"):
       impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
-      ``[..., D]`` in ``x.dtype``; mean, variance and the affine map are computed in f32.
+      ``[..., D]`` in ``x.dtype``; mean, variance and the affine map are computed in f32
+      (f64 for f64 inputs on the xla and jnp paths; the kernels refuse f64).
 
     Raises:
       TypeError: non-float ``x``, ``scale`` or ``bias``; a traced ``eps``.
@@ -167,5 +172,6 @@ def layer_norm(x, scale, bias, *, eps=1e-6, impl="auto"):
     if impl == "xla":
         return layer_norm_reference(x, scale, bias, eps=eps)
     rows = math.prod(x.shape[:-1])
-    y = _layer_norm(x.reshape(rows, x.shape[-1]), scale, bias, eps, impl)
+    with reverse_mode_only("layer_norm", impl):
+        y = _layer_norm(x.reshape(rows, x.shape[-1]), scale, bias, eps, impl)
     return y.reshape(x.shape)

@@ -22,11 +22,14 @@ Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in cl
 ``loss = lse - (1 - a) x_y - (a / V) sum_j x_j``. The z-loss ``s * lse**2`` (PaLM/T5X) adds
 ``2 s lse p`` to the gradient (``d lse / d x = p``).
 
-Conventions: ``where=False`` rows have loss 0 and gradient 0. A label outside [0, V) on
-a row that counts gives NaN loss and a NaN gradient row (never a silently wrong number).
-``-inf`` logits (a masked vocabulary) have ``p = 0`` and gradient ``-t`` (0 unless they
-carry target mass, in which case the loss is +inf); a term with ``t_j = 0`` contributes 0
-even where ``x_j = -inf`` (``0 * log 0 = 0``).
+Conventions (the README's semantics table says them for users): ``where=False`` rows have
+loss 0 and gradient 0 whatever they hold (NaN, ``inf``). A label outside [0, V) on a row
+that counts gives NaN loss and a NaN gradient row (never a silently wrong number), and so
+does a counted row holding ``+inf`` or NaN (the softmax of ``+inf`` is undefined: NaN,
+not a guess). ``-inf`` logits (a masked vocabulary) have ``p = 0`` and gradient ``-t`` (0
+unless they carry target mass, in which case the loss is +inf); a term with ``t_j = 0``
+contributes 0 even where ``x_j = -inf`` (``0 * log 0 = 0``); a row that is all ``-inf``
+has no softmax: NaN.
 """
 
 from __future__ import annotations
@@ -37,25 +40,48 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedvjp.ops._dispatch import check_float, check_static_float, resolve_impl, run_kernel, uses_kernels
+from fusedvjp.ops._dispatch import (
+    check_float,
+    check_static_float,
+    compute_dtype,
+    resolve_impl,
+    reverse_mode_only,
+    run_kernel,
+)
 
 
 # --- the losses, written around the row max --------------------------------------------------
 
 
 def _split_logsumexp(x):
-    """(m, log_s), f32 [...] each, with logsumexp(x) = m + log_s: the residual.
+    """(m, log_s) [...] each, with logsumexp(x) = m + log_s: the residual.
 
-    ``m`` is the row max, or 0 where it is not finite (as in ``jax.nn.logsumexp``), so an
-    all ``-inf`` row gives ``log_s = -inf`` and no ``-inf - -inf``.
+    ``m`` is the row max, or 0 on a row that is all ``-inf`` (as in ``jax.nn.logsumexp``),
+    so such a row gives ``log_s = -inf`` and no ``-inf - -inf``. A row holding ``+inf`` or
+    NaN keeps its ``m`` (``+inf`` / NaN): then ``x - m`` is NaN somewhere, ``log_s`` is
+    NaN, and so are the row's loss and every entry of its gradient (which all read
+    ``log_s``) -- the documented rule, on every path.
     """
-    m = jnp.max(x, axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    m = jnp.max(x, axis=-1, initial=-jnp.inf)  # -inf for V = 0: log_s = log 0 = -inf
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
     return m, jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
 
 
+def _counted_rows(x, where):
+    """(x with uncounted rows zeroed, where as a [...] bool array).
+
+    The first ``where`` of the double-``where``: a ``where=False`` row may hold NaN or
+    ``inf`` (padding masked additively with ``-inf``), and a NaN that enters the loss's
+    computation reaches its gradient even when a later ``where`` discards the loss
+    (``0 * NaN = NaN`` in the backward of the discarded branch). Zeroing the row first
+    keeps the forward finite, and the ``where``'s transpose gives the row a 0 cotangent.
+    """
+    counted = jnp.ones(x.shape[:-1], bool) if where is None else where
+    return jnp.where(counted[..., None], x, 0.0), counted
+
+
 def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
-    """f32 x [..., V] -> (loss f32 [...], residual (m, log_s)).
+    """x [..., V] (f32, or f64) -> (loss [...], residual (m, log_s)) in x's dtype.
 
     ``lse - (1 - a) x_y - (a / V) sum_j x_j`` written as
     ``log_s + (1 - a) (m - x_y) + (a / V) sum_j (m - x_j)``: no two numbers of size |x|
@@ -63,15 +89,18 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
     ~5e-4 there).
     """
     v = x.shape[-1]
+    x, counted = _counted_rows(x, where)
     m, log_s = _split_logsumexp(x)
     valid = (labels >= 0) & (labels < v)
-    label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    if v:
+        label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    else:  # no class: every label is out of range (NaN below)
+        label_logit = jnp.zeros(labels.shape, x.dtype)
     loss = log_s + (1.0 - label_smoothing) * (m - label_logit)
     if label_smoothing:
         loss = loss + (label_smoothing / v) * jnp.sum(m[..., None] - x, axis=-1)
     if z_loss:
         loss = loss + z_loss * (m + log_s) ** 2
-    counted = jnp.ones(labels.shape, bool) if where is None else where
     # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
     # the multiplication is deliberate (it is the NaN we want), not a mask.
     loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
@@ -79,20 +108,20 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
 
 
 def _probability_label_loss(x, t, where):
-    """f32 x, t [..., V] -> (loss f32 [...], residual (m, log_s, sum_j t_j)); ``0 log 0 = 0``.
+    """x, t [..., V] (f32, or f64) -> (loss [...], residual (m, log_s, sum_j t_j)); ``0 log 0 = 0``.
 
     ``sum_j t_j`` joins the residual because the gradient ``p * sum(t) - t`` needs it and
     the forward sums it anyway: the backward then reads the labels once, not twice.
     """
+    x, counted = _counted_rows(x, where)
+    t, _ = _counted_rows(t, where)
     residual = _split_logsumexp(x)
     loss = -jnp.sum(t * _zero_where_no_mass(_log_softmax_from(x, residual), t), axis=-1)
-    if where is not None:
-        loss = jnp.where(where, loss, 0.0)
-    return loss, (*residual, jnp.sum(t, axis=-1))
+    return jnp.where(counted, loss, 0.0), (*residual, jnp.sum(t, axis=-1))
 
 
 def _log_softmax_from(x, residual):
-    """log p = (x - m) - log_s, [..., V] f32, from the residual (never x - a rounded lse)."""
+    """log p = (x - m) - log_s, [..., V], from the residual (never x - a rounded lse)."""
     m, log_s = residual[:2]
     return (x - m[..., None]) - log_s[..., None]
 
@@ -108,38 +137,43 @@ def _zero_where_no_mass(logp, t):
 def softmax_cross_entropy_with_integer_labels_reference(
     logits, labels, *, where=None, label_smoothing=0.0, z_loss=0.0
 ):
-    """Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels`` (+ smoothing, z-loss)."""
-    loss, _ = _integer_label_loss(logits.astype(jnp.float32), labels, where, label_smoothing, z_loss)
+    """Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels`` (+ smoothing, z-loss),
+    over the last axis, ``where`` per row."""
+    x = logits.astype(compute_dtype(logits.dtype))
+    loss, _ = _integer_label_loss(x, labels, where, label_smoothing, z_loss)
     return loss.astype(logits.dtype)
 
 
 def softmax_cross_entropy_reference(logits, labels, *, where=None):
-    """Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` masked by ``where`` rows."""
-    loss, _ = _probability_label_loss(logits.astype(jnp.float32), labels.astype(jnp.float32), where)
+    """Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` over the last axis,
+    ``where`` per row."""
+    ct = compute_dtype(logits.dtype, labels.dtype)
+    loss, _ = _probability_label_loss(logits.astype(ct), labels.astype(ct), where)
     return loss.astype(logits.dtype)
 
 
 # --- integer labels: custom_vjp ------------------------------------------------------------
 
 
+def _int_loss_jnp(logits, labels, where, *, label_smoothing, z_loss):
+    x = logits.astype(compute_dtype(logits.dtype))
+    return _integer_label_loss(x, labels, where, label_smoothing, z_loss)
+
+
 def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals):
-    """logits [N, V], labels int32 [N], where bool [N] -> loss f32 [N] (+ residuals)."""
+    """logits [N, V], labels int32 [N], where bool [N] -> loss [N] (+ residuals)."""
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
 
-    def jnp_path():
-        return _integer_label_loss(logits.astype(jnp.float32), labels, where, label_smoothing, z_loss)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import softmax_cross_entropy as kernels
-
-        kernel = functools.partial(
-            kernels.softmax_cross_entropy_fwd, logits, labels, where,
-            label_smoothing=label_smoothing, z_loss=z_loss,
-        )
-        loss, row_stats = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
-    else:
-        loss, row_stats = jnp_path()
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    loss, row_stats = run_kernel(
+        impl,
+        functools.partial(kernels.softmax_cross_entropy_fwd, **options),
+        functools.partial(_int_loss_jnp, **options),
+        (logits, labels, where),
+        "softmax_cross_entropy_with_integer_labels",
+    )
     if return_residuals:
-        return loss, (logits, labels, where, row_stats)
+        return loss, (logits, labels, where, tuple(row_stats))
     return loss
 
 
@@ -152,34 +186,32 @@ def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl):
     return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals=True)
 
 
+def _int_grad_jnp(logits, labels, where, row_stats, g, *, label_smoothing, z_loss):
+    x = logits.astype(row_stats[0].dtype)
+    v = x.shape[-1]
+    p = jnp.exp(_log_softmax_from(x, row_stats))
+    # t = (1 - a) onehot(y) + a/V; an out-of-range y matches no column.
+    onehot = jnp.arange(v)[None, :] == labels[:, None]
+    t = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / v
+    # z-loss: d (s lse^2) = 2 s lse p; lse = m + log_s rounds by 2**-24 relative, harmless.
+    lse = row_stats[0] + row_stats[1]
+    dx = p * (1.0 + 2.0 * z_loss * lse[:, None]) - t
+    valid = (labels >= 0) & (labels < v)
+    dx = jnp.where(valid[:, None], dx, jnp.nan)
+    return jnp.where(where[:, None], g.astype(x.dtype)[:, None] * dx, 0.0).astype(logits.dtype)
+
+
 def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
-    logits, labels, where, row_stats = residuals
-    g = g.astype(jnp.float32)
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
 
-    def jnp_path():
-        x = logits.astype(jnp.float32)
-        v = x.shape[-1]
-        p = jnp.exp(_log_softmax_from(x, row_stats))
-        # t = (1 - a) onehot(y) + a/V; an out-of-range y matches no column.
-        onehot = jnp.arange(v)[None, :] == labels[:, None]
-        t = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / v
-        # z-loss: d (s lse^2) = 2 s lse p; lse = m + log_s rounds by 2**-24 relative, harmless.
-        lse = row_stats[0] + row_stats[1]
-        dx = p * (1.0 + 2.0 * z_loss * lse[:, None]) - t
-        valid = (labels >= 0) & (labels < v)
-        dx = jnp.where(valid[:, None], dx, jnp.nan)
-        return jnp.where(where[:, None], g[:, None] * dx, 0.0).astype(logits.dtype)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import softmax_cross_entropy as kernels
-
-        kernel = functools.partial(
-            kernels.softmax_cross_entropy_bwd, logits, labels, where, row_stats, g,
-            label_smoothing=label_smoothing, z_loss=z_loss,
-        )
-        dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy_with_integer_labels")
-    else:
-        dlogits = jnp_path()
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    dlogits = run_kernel(
+        impl,
+        functools.partial(kernels.softmax_cross_entropy_bwd, **options),
+        functools.partial(_int_grad_jnp, **options),
+        (*residuals, g),
+        "softmax_cross_entropy_with_integer_labels",
+    )
     return dlogits, None, None
 
 
@@ -189,21 +221,20 @@ _int_xent.defvjp(_int_xent_fwd, _int_xent_bwd)
 # --- probability labels: custom_vjp --------------------------------------------------------
 
 
+def _prob_loss_jnp(logits, labels, where):
+    ct = compute_dtype(logits.dtype, labels.dtype)
+    return _probability_label_loss(logits.astype(ct), labels.astype(ct), where)
+
+
 def _prob_forward(logits, labels, where, impl, return_residuals):
-    """logits [N, V], labels float [N, V], where bool [N] -> loss f32 [N] (+ residuals)."""
+    """logits [N, V], labels float [N, V], where bool [N] -> loss [N] (+ residuals)."""
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
 
-    def jnp_path():
-        return _probability_label_loss(logits.astype(jnp.float32), labels.astype(jnp.float32), where)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import softmax_cross_entropy as kernels
-
-        kernel = functools.partial(kernels.softmax_cross_entropy_fwd, logits, labels, where)
-        loss, row_stats = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
-    else:
-        loss, row_stats = jnp_path()
+    loss, row_stats = run_kernel(
+        impl, kernels.softmax_cross_entropy_fwd, _prob_loss_jnp, (logits, labels, where), "softmax_cross_entropy"
+    )
     if return_residuals:
-        return loss, (logits, labels, where, row_stats)
+        return loss, (logits, labels, where, tuple(row_stats))
     return loss
 
 
@@ -216,136 +247,217 @@ def _prob_xent_fwd(logits, labels, where, impl):
     return _prob_forward(logits, labels, where, impl, return_residuals=True)
 
 
+def _prob_grad_jnp(logits, labels, where, row_stats, g):
+    ct = row_stats[0].dtype
+    x, t = logits.astype(ct), labels.astype(ct)
+    p = jnp.exp(_log_softmax_from(x, row_stats))
+    label_sum = row_stats[2]
+    dx = g.astype(ct)[:, None] * (p * label_sum[:, None] - t)
+    return jnp.where(where[:, None], dx, 0.0).astype(logits.dtype)
+
+
 def _prob_xent_bwd(impl, residuals, g):
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
+
     logits, labels, where, row_stats = residuals
-    g = jnp.where(where, g.astype(jnp.float32), 0.0)
-
-    def jnp_path():
-        x = logits.astype(jnp.float32)
-        t = labels.astype(jnp.float32)
-        p = jnp.exp(_log_softmax_from(x, row_stats))
-        label_sum = row_stats[2]
-        return (g[:, None] * (p * label_sum[:, None] - t)).astype(logits.dtype)
-
-    if uses_kernels(impl):
-        from fusedvjp.kernels import softmax_cross_entropy as kernels
-
-        kernel = functools.partial(kernels.softmax_cross_entropy_bwd, logits, labels, where, row_stats, g)
-        dlogits = run_kernel(impl, kernel, jnp_path, "softmax_cross_entropy")
-    else:
-        dlogits = jnp_path()
+    dlogits = run_kernel(
+        impl, kernels.softmax_cross_entropy_bwd, _prob_grad_jnp, (*residuals, g), "softmax_cross_entropy"
+    )
     # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
     # elementwise pass and removes it entirely when the labels need no gradient (the usual
     # case).
-    logp = _zero_where_no_mass(_log_softmax_from(logits.astype(jnp.float32), row_stats), labels.astype(jnp.float32))
-    dlabels = jnp.where(where[:, None], -g[:, None] * logp, 0.0).astype(labels.dtype)
+    ct = row_stats[0].dtype
+    logp = _zero_where_no_mass(_log_softmax_from(logits.astype(ct), row_stats), labels.astype(ct))
+    dlabels = jnp.where(where[:, None], -g.astype(ct)[:, None] * logp, 0.0).astype(labels.dtype)
     return dlogits, dlabels, None
 
 
 _prob_xent.defvjp(_prob_xent_fwd, _prob_xent_bwd)
 
 
-# --- public API ----------------------------------------------------------------------------
-
-
-def _flatten_rows(logits, where):
-    batch = logits.shape[:-1]
-    n = math.prod(batch)
-    logits2 = logits.reshape(n, logits.shape[-1])
-    where1 = jnp.ones((n,), bool) if where is None else where.reshape(n)
-    return batch, logits2, where1
-
-
-def _check_where(where, batch_shape):
-    if where is None:
-        return None
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_:
-        raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
-    if where.shape != batch_shape:
-        raise ValueError(f"where must have the batch shape {batch_shape} (logits.shape[:-1]), got {where.shape}")
-    return where
+# --- public API: optax's arguments (axis, a per-row or per-class where) -------------------
 
 
 def _check_logits(logits):
     check_float("logits", logits)
-    if logits.ndim < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {logits.shape}")
+    if logits.ndim < 1:
+        raise ValueError(f"logits must have at least one (class) axis, got a scalar of shape {logits.shape}")
+
+
+def _class_axes(axis, logits_shape) -> tuple[int, ...]:
+    """``axis`` (an int or a tuple of ints, optax's meaning) as non-negative axes, in order."""
+    ndim = len(logits_shape)
+    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
+    if not isinstance(axes, tuple) or not axes or not all(
+        isinstance(a, int) and not isinstance(a, bool) for a in axes
+    ):
+        raise TypeError(f"axis must be an int or a non-empty tuple of ints, got {axis!r}")
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"axis {axis!r} is out of range for logits of shape {logits_shape}")
+    axes = tuple(a % ndim for a in axes)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis {axis!r} repeats an axis (logits shape {logits_shape})")
+    return axes
+
+
+def _classes_last(x, axes):
+    """x [...] -> [batch..., V]: the class axes moved to the end (in ``axes`` order) and
+    flattened into one; a no-op for the usual ``axis=-1``."""
+    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    if axes != (x.ndim - 1,):
+        x = jnp.transpose(x, batch_axes + axes)
+    return x.reshape(*(x.shape[:len(batch_axes)]), math.prod(x.shape[len(batch_axes):]))
+
+
+def _masks(where, logits_shape, axes):
+    """optax's ``where`` -> (per-row bool [batch...] or None, per-class bool [batch..., V] or None).
+
+    The rank tells the two forms apart: ``where.ndim == logits.ndim`` is a per-class mask
+    (broadcast against the logits, optax's meaning: masked classes leave the softmax),
+    ``where.ndim == logits.ndim - len(axes)`` a per-row mask (broadcast against the batch
+    shape). A row with no class left counts as ``where=False``.
+    """
+    if where is None:
+        return None, None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"where must be a boolean array, got dtype {where.dtype} (shape {where.shape})")
+    batch_shape = tuple(d for i, d in enumerate(logits_shape) if i not in axes)
+    target = logits_shape if where.ndim == len(logits_shape) else batch_shape
+    try:
+        where = jnp.broadcast_to(where, target)
+    except ValueError:
+        raise ValueError(
+            f"where must have (or broadcast to) the batch shape {batch_shape} (a row mask) or the logits' "
+            f"shape {logits_shape} (a class mask), got {where.shape}"
+        ) from None
+    if where.ndim == len(batch_shape):
+        return where, None
+    class_mask = _classes_last(where, axes)
+    return jnp.any(class_mask, axis=-1), class_mask
+
+
+def _prepare(logits, labels, axis, where, *, labels_like_logits: bool):
+    """Checks, moves the class axes last, applies a class mask: -> (logits [batch..., V],
+    labels, row_where [batch...] or None)."""
+    axes = _class_axes(axis, logits.shape)
+    row_where, class_mask = _masks(where, logits.shape, axes)
+    logits2 = _classes_last(logits, axes)
+    if labels_like_logits:
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels must have the shape of logits {logits.shape}, got {labels.shape}")
+        labels = _classes_last(labels, axes)
+    elif labels.shape != logits2.shape[:-1]:
+        raise ValueError(f"labels must have shape {logits2.shape[:-1]} (logits {logits.shape} without the class "
+                         f"axes {axes}), got {labels.shape}")
+    if class_mask is not None:
+        # A masked class leaves the softmax (-inf logit: p = 0, gradient 0 through the
+        # where) and, for probability labels, the sum.
+        logits2 = jnp.where(class_mask, logits2, -jnp.inf)
+        if labels_like_logits:
+            labels = jnp.where(class_mask, labels, 0)
+    return logits2, labels, row_where
+
+
+def _rows(logits, where):
+    """[batch..., V] -> ([N, V], where bool [N])."""
+    n = math.prod(logits.shape[:-1])
+    where1 = jnp.ones((n,), bool) if where is None else where.reshape(n)
+    return logits.reshape(n, logits.shape[-1]), where1
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, *, where=None, label_smoothing=0.0, z_loss=0.0, impl="auto"
+    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, impl="auto"
 ):
     """Per-example softmax cross-entropy with integer labels, fused where possible.
 
+    A drop-in for ``optax.softmax_cross_entropy_with_integer_labels`` (same positional
+    arguments), with label smoothing, z-loss and a choice of implementation.
+
     Args:
-      logits: ``[..., V]`` floating logits (may contain ``-inf`` for masked entries).
-      labels: ``[...]`` integer class indices in ``[0, V)``.
-      where: optional ``[...]`` bool; rows where False get loss 0 and gradient 0.
+      logits: floating logits, the classes along ``axis`` (may contain ``-inf`` for
+        masked entries).
+      labels: integer class indices in ``[0, V)``, of the logits' shape without the class
+        axes; with a tuple ``axis`` an index is flat over the class axes in that order.
+      axis: the class axis, or a tuple of them (optax's meaning).
+      where: optional bool mask: of the labels' shape (per row; False rows get loss 0 and
+        gradient 0) or of the logits' rank, broadcast against them (per class; masked
+        classes leave the softmax, a row with none left counts as False).
       label_smoothing: ``a`` in ``[0, 1)``: target ``(1 - a) onehot + a / V``.
       z_loss: ``s >= 0``: adds ``s * logsumexp(logits)**2`` per example.
       impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
-      ``[...]`` losses in ``logits.dtype`` (computed in f32); NaN on counted rows whose
-      label is outside ``[0, V)``.
+      losses of the labels' shape, in ``logits.dtype`` (computed in f32; f64 for f64
+      logits on the xla and jnp paths). NaN on counted rows whose label is outside
+      ``[0, V)`` or whose logits hold ``+inf`` or NaN (see the README's semantics table).
 
     Raises:
-      TypeError / ValueError: non-float logits, non-integer labels, mismatched shapes,
-        out-of-range hyperparameters, unknown impl.
+      TypeError / ValueError: non-float logits, non-integer labels, mismatched shapes, a
+        bad ``axis`` or ``where``, out-of-range hyperparameters, unknown impl.
+      NotImplementedError: ``impl="pallas"`` for a dtype the kernels do not take (f64).
 
-    Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels(logits, labels)`` for
-    ``a = s = 0``, and in general ``-sum(t * log_softmax(logits), -1) + s * logsumexp(logits)**2``.
+    Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis,
+    where)`` for ``a = s = 0``, and in general ``-sum(t * log_softmax(logits), axis) + s *
+    logsumexp(logits, axis)**2``.
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_logits(logits)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {labels.shape})")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {logits.shape[:-1]} (logits {logits.shape} without V), "
-                         f"got {labels.shape}")
-    where = _check_where(where, logits.shape[:-1])
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
     impl = resolve_impl(impl)
+    logits2, labels, row_where = _prepare(logits, labels, axis, where, labels_like_logits=False)
     if impl == "xla":
         return softmax_cross_entropy_with_integer_labels_reference(
-            logits, labels, where=where, label_smoothing=label_smoothing, z_loss=z_loss
+            logits2, labels, where=row_where, label_smoothing=label_smoothing, z_loss=z_loss
         )
-    batch, logits2, where1 = _flatten_rows(logits, where)
-    labels1 = labels.reshape(-1).astype(jnp.int32)
-    loss = _int_xent(logits2, labels1, where1, label_smoothing, z_loss, impl)
-    return loss.reshape(batch).astype(logits.dtype)
+    x, where1 = _rows(logits2, row_where)
+    v = x.shape[-1]
+    # Out-of-range labels become -1 *before* the int32 cast, so that an int64 label
+    # >= 2**32 (x64 mode) cannot wrap into a valid class: it stays out of range (NaN).
+    labels1 = labels.reshape(-1)
+    labels1 = jnp.where((labels1 >= 0) & (labels1 < v), labels1, -1).astype(jnp.int32)
+    with reverse_mode_only("softmax_cross_entropy_with_integer_labels", impl):
+        loss = _int_xent(x, labels1, where1, label_smoothing, z_loss, impl)
+    return loss.reshape(labels.shape).astype(logits.dtype)
 
 
-def softmax_cross_entropy(logits, labels, *, where=None, impl="auto"):
+def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, impl="auto"):
     """Per-example softmax cross-entropy against a target distribution, fused where possible.
 
+    A drop-in for ``optax.softmax_cross_entropy`` (same positional arguments).
+
     Args:
-      logits: ``[..., V]`` floating logits (may contain ``-inf``).
-      labels: ``[..., V]`` floating target probabilities (differentiable).
-      where: optional ``[...]`` bool; rows where False get loss 0 and gradient 0.
+      logits: floating logits, the classes along ``axis`` (may contain ``-inf``).
+      labels: floating target probabilities of the logits' shape (differentiable).
+      axis: the class axis, or a tuple of them.
+      where: optional bool mask, per row or per class as in
+        :func:`softmax_cross_entropy_with_integer_labels` (a masked class also leaves
+        the sum over the labels).
       impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
-      ``[...]`` losses in ``logits.dtype`` (computed in f32).
+      losses of the logits' shape without the class axes, in ``logits.dtype`` (computed
+      in f32; f64 for f64 inputs on the xla and jnp paths).
 
     Raises:
-      TypeError / ValueError: non-float logits or labels, mismatched shapes, unknown impl.
+      TypeError / ValueError: non-float logits or labels, mismatched shapes, a bad
+        ``axis`` or ``where``, unknown impl.
+      NotImplementedError: ``impl="pallas"`` for a dtype the kernels do not take (f64).
 
-    Equivalent to: ``optax.softmax_cross_entropy(logits, labels)`` =
-    ``-sum(labels * log_softmax(logits), -1)``, with ``0 * log 0 = 0``.
+    Equivalent to: ``optax.softmax_cross_entropy(logits, labels, axis, where)`` =
+    ``-sum(labels * log_softmax(logits), axis)``, with ``0 * log 0 = 0``.
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     _check_logits(logits)
     check_float("labels", labels)
-    if labels.shape != logits.shape:
-        raise ValueError(f"labels must have the shape of logits {logits.shape}, got {labels.shape}")
-    where = _check_where(where, logits.shape[:-1])
     impl = resolve_impl(impl)
+    logits2, labels2, row_where = _prepare(logits, labels, axis, where, labels_like_logits=True)
     if impl == "xla":
-        return softmax_cross_entropy_reference(logits, labels, where=where)
-    batch, logits2, where1 = _flatten_rows(logits, where)
-    labels2 = labels.reshape(logits2.shape)
-    loss = _prob_xent(logits2, labels2, where1, impl)
-    return loss.reshape(batch).astype(logits.dtype)
+        return softmax_cross_entropy_reference(logits2, labels2, where=row_where)
+    x, where1 = _rows(logits2, row_where)
+    with reverse_mode_only("softmax_cross_entropy", impl):
+        loss = _prob_xent(x, labels2.reshape(x.shape), where1, impl)
+    return loss.reshape(logits2.shape[:-1]).astype(logits.dtype)

@@ -217,7 +217,7 @@ def test_block_size_validation():
         LayerNormBlockSizes(block_rows=8, block_cols=128, num_warps=3)
     with pytest.raises(ValueError, match="unknown backend"):
         LayerNormBlockSizes.default(8, 128, jnp.float32, "cuda")
-    x, scale, bias = jnp.ones((16, 128)), jnp.ones(128), jnp.zeros(128)
+    x, scale, bias = jnp.ones((16, 128), jnp.float32), jnp.ones(128, jnp.float32), jnp.zeros(128, jnp.float32)
     with pytest.raises(ValueError, match=r"triton: LayerNormBlockSizes.block_cols=100 must be a power of two"):
         kernels.layer_norm_fwd(x, scale, bias, eps=1e-6, backend="triton", block_sizes=LayerNormBlockSizes(8, 100))
     with pytest.raises(ValueError, match=r"mosaic_tpu: LayerNormBlockSizes.block_rows=4 must be a multiple of 8"):

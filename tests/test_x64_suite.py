@@ -1,0 +1,39 @@
+"""The op tests once more under ``JAX_ENABLE_X64=1`` (``jax_enable_x64``), as scientific users run.
+
+x64 changes what a Python int or float becomes (int64, float64), which broke the layer_norm
+kernel (int32 program ids met int64 column starts) and let int64 labels wrap; the run below
+covers every op and impl: the registry's generic numerics (forward and VJP against float64,
+every impl, f32 and bf16, odd shapes), each op's own tests, the documented semantics and
+the fair-baseline check. It runs in a subprocess because x64 is a process-wide setting read
+at import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO
+
+X64_PART = (
+    "tests/test_ops_registry.py",
+    "tests/test_ops_dense.py",
+    "tests/test_ops_layer_norm.py",
+    "tests/test_ops_softmax_cross_entropy.py",
+    "tests/test_semantics.py",
+    "tests/test_fair_baseline.py",
+)
+
+
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="already the x64 run")
+def test_op_tests_pass_under_x64():
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *X64_PART]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    tail = (run.stdout + run.stderr)[-8000:]
+    assert run.returncode == 0, f"under JAX_ENABLE_X64=1: {' '.join(cmd)}\n{tail}"
+    assert " passed" in tail and "no tests ran" not in tail, tail
