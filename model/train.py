@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -31,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", choices=IMPLS, default="auto")
     p.add_argument("--dataset", choices=("auto", "mnist", "sample"), default="auto",
-                   help="auto: full MNIST if in --data-dir or downloadable, else the shipped sample")
+                   help="mnist: full MNIST from --data-dir, downloaded if missing; sample: the shipped "
+                        "10k/2k subset; auto: mnist if present or downloadable, else sample")
     p.add_argument("--data-dir", default="data", help="holds MNIST/raw/*-ubyte[.gz] (torchvision's layout)")
     p.add_argument("--out", default="runs/mnist", help="where metrics.json, curves.png, predictions.png go")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
@@ -40,9 +43,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "hidden"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # inf and nan train straight to NaN
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max-steps must be >= 1, got {args.max_steps}")
     return args
+
+
+def prepare_out(out: str | pathlib.Path) -> pathlib.Path:
+    """Creates ``out`` and writes a scratch file there, so a bad ``--out`` ends the run
+    before the data is loaded, not after training.
+
+    Raises:
+      SystemExit: ``out`` cannot be created or written (the message names it).
+    """
+    out = pathlib.Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not a writable directory: {e.strerror or e}") from None
+    return out
 
 
 def accuracy(params, images, labels, impl, batch=2000) -> float:
@@ -136,16 +158,15 @@ def plot_predictions(params, dataset: data_lib.Dataset, impl: str, path: pathlib
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    out = prepare_out(args.out)
     try:
-        dataset = data_lib.load(args.dataset, args.data_dir)
+        dataset = data_lib.load(args.dataset, args.data_dir, progress=not args.no_progress)
     except data_lib.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"dataset: {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test; "
           f"impl={args.impl}; device={jax.devices()[0].device_kind}")
     metrics = train(args, dataset)
     params = metrics.pop("params")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curves(metrics["epochs"], out / "curves.png")
     plot_predictions(params, dataset, args.impl, out / "predictions.png")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
+import shutil
+import socket
+import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -62,11 +68,165 @@ def test_corrupt_files_name_the_file(tmp_path, rng):
         assert name in str(e.value)
 
 
-def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)
-    with pytest.raises(data.DatasetError, match=r"pip install 'fusedvjp\[mnist\]'"):
-        data.load("mnist", tmp_path)
-    assert data.load("auto", tmp_path).name.startswith("sample")
+def test_corrupt_gzip_stream_is_a_dataset_error(tmp_path, rng):
+    """A valid gzip header over a damaged deflate stream raises zlib.error inside gzip."""
+    arr = (rng.integers(0, 4, (5, 28, 28)) * 60).astype(np.uint8)  # compressible: Huffman-coded blocks
+    _write_idx(tmp_path / "a", arr)
+    blob = bytearray(gzip.compress((tmp_path / "a").read_bytes()))
+    blob[20:40] = b"\xff" * 20
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(blob))
+    (tmp_path / "damaged.gz").write_bytes(bytes(blob))
+    (tmp_path / "cut.gz").write_bytes(gzip.compress((tmp_path / "a").read_bytes())[:-30])
+    for name in ("damaged.gz", "cut.gz"):
+        with pytest.raises(data.DatasetError, match="cannot read IDX file") as e:
+            data.read_idx(tmp_path / name)
+        assert name in str(e.value)
+
+
+def test_huge_header_dims_report_the_true_implied_size(tmp_path):
+    """Dims near 2**31 must not wrap around in the size check (int64 wraps 2**31 * 2**31 * 4 to 0)."""
+    dims = (2**31, 2**31, 4)
+    header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    (tmp_path / "huge").write_bytes(header + b"\0" * 64)
+    with pytest.raises(data.DatasetError, match="truncated or corrupt") as e:
+        data.read_idx(tmp_path / "huge")
+    assert f"implies {16 + 2**64} bytes" in str(e.value)
+
+
+# --- download (a local http.server; the tests never touch the network) -----------------------
+
+
+def _closed_port_url() -> str:
+    """A URL on 127.0.0.1 that refuses connections: a port bound, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/mnist/"
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """No test reaches the real mirrors: a download not given local ones fails at once."""
+    monkeypatch.setattr(data, "MIRRORS", (_closed_port_url(),))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """Serves ``tmp_path/www`` on 127.0.0.1; yields (www dir, base URL of www/mnist/)."""
+    www = tmp_path / "www"
+    (www / "mnist").mkdir(parents=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}/mnist/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _serve_real_mnist(www):
+    for stem in data.FILES.values():
+        shutil.copyfile(RAW / f"{stem}.gz", www / "mnist" / f"{stem}.gz")
+
+
+def _files_in(raw_dir):
+    return sorted(p.name for p in raw_dir.iterdir()) if raw_dir.exists() else []
+
+
+def test_checksum_tables_describe_the_real_files():
+    """The IDX digests are the real MNIST content's (the .gz MD5s, the mirrors' bytes, cannot be checked here)."""
+    assert set(data.GZ_MD5) == set(data.IDX_SHA256) == set(data.FILES.values())
+    if (RAW / "t10k-labels-idx1-ubyte.gz").exists():
+        for stem, (size, digest) in data.IDX_SHA256.items():
+            content = gzip.decompress((RAW / f"{stem}.gz").read_bytes())
+            assert (len(content), hashlib.sha256(content).hexdigest()) == (size, digest), stem
+
+
+@needs_mnist
+def test_download_from_a_local_mirror(tmp_path, mirror):
+    www, url = mirror
+    _serve_real_mnist(www)
+    raw_dir = tmp_path / "data" / "MNIST" / "raw"
+    data.download_mnist(tmp_path / "data", mirrors=[url], progress=False)
+    assert _files_in(raw_dir) == sorted(f"{stem}.gz" for stem in data.FILES.values())
+    for stem in data.FILES.values():
+        assert (raw_dir / f"{stem}.gz").read_bytes() == (RAW / f"{stem}.gz").read_bytes()
+    ds = data.load("mnist", tmp_path / "data", mirrors=[_closed_port_url()])  # present: nothing is fetched
+    assert ds.train_images.shape == (60000, 784) and ds.test_labels[0] == 7
+
+
+@needs_mnist
+def test_load_mnist_downloads_what_is_missing(tmp_path, mirror):
+    www, url = mirror
+    _serve_real_mnist(www)
+    raw_dir = tmp_path / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    shutil.copyfile(RAW / "train-images-idx3-ubyte", raw_dir / "train-images-idx3-ubyte")
+    logs = []
+    ds = data.load("mnist", tmp_path, logs.append, mirrors=[url], progress=False)
+    assert ds.test_images.shape == (10000, 784)
+    assert "train-images-idx3-ubyte.gz" not in _files_in(raw_dir)
+    assert sum("downloaded" in m for m in logs) == 3
+
+
+def test_checksum_mismatch_leaves_nothing_behind(tmp_path, mirror):
+    www, url = mirror
+    for stem in data.FILES.values():
+        (www / "mnist" / f"{stem}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + b"\0\0\0\x02" + b"ab"))
+    with pytest.raises(data.DatasetError, match="checksum") as e:
+        data.download_mnist(tmp_path, mirrors=[url], progress=False)
+    assert url in str(e.value)
+    assert _files_in(tmp_path / "MNIST" / "raw") == []
+
+
+def test_fabricated_files_with_a_patched_table(tmp_path, mirror, monkeypatch, rng):
+    """The .gz digest path: small fabricated files whose MD5 the table is patched to hold."""
+    www, url = mirror
+    gz_md5 = {}
+    for stem in data.FILES.values():
+        shape = (3, 28, 28) if "images" in stem else (3,)
+        arr = rng.integers(0, 10, shape).astype(np.uint8)
+        _write_idx(tmp_path / stem, arr)
+        blob = gzip.compress((tmp_path / stem).read_bytes())
+        (www / "mnist" / f"{stem}.gz").write_bytes(blob)
+        gz_md5[stem] = hashlib.md5(blob).hexdigest()
+    monkeypatch.setattr(data, "GZ_MD5", gz_md5)
+    monkeypatch.setattr(data, "IDX_SHA256", {stem: (10**6, "0" * 64) for stem in data.FILES.values()})
+    data.download_mnist(tmp_path / "d", mirrors=[url], progress=False)
+    ds = data.load_mnist(tmp_path / "d")
+    assert ds.train_images.shape == (3, 784) and ds.test_labels.shape == (3,)
+
+
+@needs_mnist
+def test_first_mirror_failing_second_succeeding(tmp_path, mirror):
+    www, url = mirror
+    _serve_real_mnist(www)
+    missing = url.replace("/mnist/", "/nothing-here/")  # the same server answers 404
+    logs = []
+    data.download_mnist(tmp_path, mirrors=[_closed_port_url(), missing, url], log=logs.append, progress=False)
+    assert data.mnist_files_present(tmp_path)
+    assert any("404" in m for m in logs) and any("refused" in m.lower() for m in logs)
+    assert not [n for n in _files_in(tmp_path / "MNIST" / "raw") if not n.endswith("-ubyte.gz")]
+
+
+def test_offline_auto_falls_back_and_mnist_says_why(tmp_path):
+    mirrors = [_closed_port_url(), _closed_port_url()]
+    logs = []
+    ds = data.load("auto", tmp_path, logs.append, mirrors=mirrors, progress=False)
+    assert ds.name.startswith("sample")
+    assert any("using the shipped sample" in m and mirrors[0] in m for m in logs)
+    with pytest.raises(data.DatasetError, match="cannot download MNIST") as e:
+        data.load("mnist", tmp_path, mirrors=mirrors, progress=False)
+    assert all(m in str(e.value) for m in mirrors) and "--dataset sample" in str(e.value)
+    assert _files_in(tmp_path / "MNIST" / "raw") == []
 
 
 def test_shipped_sample_is_stratified_real_mnist():

@@ -66,3 +66,47 @@ def test_bad_cli_arguments():
         train.parse_args(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         train.parse_args(["--impl", "cuda"])
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--lr", "inf", "--lr must be a finite number > 0"),
+    ("--lr", "nan", "--lr must be a finite number > 0"),
+    ("--lr", "0", "--lr must be a finite number > 0"),
+    ("--max-steps", "0", "--max-steps must be >= 1"),
+    ("--max-steps", "-3", "--max-steps must be >= 1"),
+])
+def test_rejects_degenerate_options(flag, value, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([flag, value])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_unwritable_out_fails_before_loading_data(tmp_path, monkeypatch):
+    """--out is checked first: a run must not train for an hour and then lose its results."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data loaded before --out was checked")
+
+    monkeypatch.setattr(train.data_lib, "load", no_loading)
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):  # root ignores permission bits: use a file
+        with pytest.raises(SystemExit) as e:
+            train.main(["--dataset", "sample", "--out", str(out), "--no-progress"])
+        assert str(out) in str(e.value.code) and "not a writable directory" in str(e.value.code)
+
+
+def test_corrupt_gz_in_data_dir_is_a_clean_error(tmp_path):
+    """A damaged .gz (zlib.error inside gzip) ends the CLI with the IDX reader's message, no traceback."""
+    import gzip
+
+    raw_dir = tmp_path / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    blob = bytearray(gzip.compress(bytes(range(256)) * 64))
+    blob[20:40] = b"\xff" * 20
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw_dir / f"{stem}.gz").write_bytes(bytes(blob))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+                    "--no-progress"])
+    assert "cannot read IDX file" in str(e.value.code) and "train-images-idx3-ubyte.gz" in str(e.value.code)
