@@ -152,6 +152,65 @@ def test_failing_impl_is_recorded_not_fatal(tmp_path, monkeypatch):
     assert "## Errors" in (tmp_path / "results.md").read_text()
 
 
+def _no_timing(monkeypatch):
+    """Makes any measurement fail the test: the checks below must come before the first timing."""
+    def measured(*args, **kwargs):
+        raise AssertionError("timing started before the arguments were checked")
+
+    monkeypatch.setattr(cli.roofline, "measure", measured)
+    monkeypatch.setattr(cli, "run_case", measured)
+
+
+def test_table_of_a_missing_or_invalid_file_is_a_clean_error(tmp_path):
+    (tmp_path / "not-json.json").write_text("{ results: oops")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "keys.json").write_text(json.dumps({"device": "x", "results": []}))
+    (tmp_path / "rows.json").write_text(json.dumps({"device": "x", "platform": "cpu", "jax_version": "0",
+                                                    "date": "2026-01-01", "roofline": {"hbm_gbps": 1.0},
+                                                    "results": [{"op": "dense_tanh"}]}))
+    cases = [("missing.json", "cannot read it"), (".", "cannot read it"), ("not-json.json", "not JSON"),
+             ("list.json", "not a results.json"), ("keys.json", "missing platform, jax_version, date, roofline"),
+             ("rows.json", "malformed results.json")]
+    for name, what in cases:
+        path = tmp_path / name
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--table", str(path)])
+        assert isinstance(e.value.code, str), f"{name}: exit status must be non-zero"
+        assert str(path) in e.value.code and what in e.value.code, e.value.code
+
+
+def test_table_error_exits_nonzero_without_a_traceback(tmp_path):
+    import sys
+
+    path = tmp_path / "missing.json"
+    proc = subprocess.run([sys.executable, "-m", "fusedvjp.bench", "--table", str(path)], capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and str(path) in proc.stderr
+
+
+def test_empty_selection_says_what_was_selected(monkeypatch):
+    _no_timing(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--quick", "--shapes", "llm", "--ops", "mnist_train_step"])
+    msg = str(e.value.code)
+    assert "no benchmark case" in msg and "--ops mnist_train_step" in msg and "--shapes llm" in msg
+    assert "mnist_train_step: shapes mnist, modes fwd+bwd" in msg
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--quick", "--ops", "mnist_train_step", "--modes", "fwd"])
+    assert "--modes fwd" in str(e.value.code)
+
+
+def test_unwritable_out_fails_before_any_timing(tmp_path, monkeypatch):
+    _no_timing(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):  # root ignores permission bits: use a file
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--quick", "--ops", "xent", "--shapes", "mnist", "--dtypes", "f32", "--modes", "fwd",
+                      "--out", str(out)])
+        assert str(out) in str(e.value.code) and "not a writable directory" in str(e.value.code)
+
+
 # --- timing ----------------------------------------------------------------------------------
 
 

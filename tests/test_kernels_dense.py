@@ -10,7 +10,17 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from conftest import DTYPES, KERNEL_CUSTOM_CALL, assert_close, assert_no_worse_than, float64_oracle, lower_for, randn
+from conftest import (
+    DTYPES,
+    KERNEL_CUSTOM_CALL,
+    assert_close,
+    assert_kernels_lowered,
+    assert_no_worse_than,
+    float64_oracle,
+    lower_for,
+    lowered_kernel_names,
+    randn,
+)
 from fusedvjp.kernels import dense as kd
 from fusedvjp.kernels.dense import DenseBlockSizes, dense_bwd, dense_fwd
 
@@ -236,7 +246,7 @@ def test_triton_rejects_illegal_blocks(block_sizes, message):
 )
 def test_tpu_rejects_illegal_blocks(block_sizes, message):
     x, w, b = _args()
-    a, g = jnp.ones((37, 10)), jnp.ones((37, 10))
+    a, g = jnp.ones((37, 10), jnp.float32), jnp.ones((37, 10), jnp.float32)
     with pytest.raises(ValueError, match=message):
         dense_bwd(x, w, a, g, has_bias=True, activation="tanh", backend="mosaic_tpu", block_sizes=block_sizes)
 
@@ -283,6 +293,8 @@ def test_explicit_blocks_must_suit_every_backend_when_unforced():
 
 # --- lowering for an abstract H100 and TPU ----------------------------------------------
 
+# Every kernel a forward + backward must call, by its `name=`.
+DENSE_KERNELS = ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db")
 LOWERING_CASES = {
     "mnist_hidden_f32": ((128, 784, 512), jnp.float32, True, "tanh"),
     "mnist_logits_f32": ((128, 512, 10), jnp.float32, False, None),
@@ -301,7 +313,21 @@ def test_lowers_to_compiled_kernels(platform, case):
 
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     text = lower_for(platform, fwd_and_bwd, spec(m, k), spec(k, n), spec(n), spec(m, n))
-    assert text.count(KERNEL_CUSTOM_CALL[platform]) >= 3, "expected fwd, dx and dw+db kernels"
-    for name in ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db"):
-        assert name in text, name
+    assert_kernels_lowered(text, platform, DENSE_KERNELS)
 
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowering_check_names_each_kernel(platform):
+    """Three custom calls are not three kernels: a module with three forwards and no
+    backward passes a count of custom calls (the old check) and fails the by-name check.
+    (A bare `name in text` is no better: the name is also inside the serialized kernel IR.)"""
+
+    def three_forwards(x, w, b):
+        return [dense_fwd(s * x, w, b, activation="tanh") for s in (1.0, 2.0, 3.0)]
+
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    text = lower_for(platform, three_forwards, spec(128, 784), spec(784, 512), spec(512))
+    assert text.count(KERNEL_CUSTOM_CALL[platform]) >= 3  # what the old check counted
+    assert lowered_kernel_names(text, platform) == ["fusedvjp_dense_fwd"] * 3
+    with pytest.raises(AssertionError, match=r"missing \['fusedvjp_dense_bwd_dx', 'fusedvjp_dense_bwd_dw_db'\]"):
+        assert_kernels_lowered(text, platform, DENSE_KERNELS)

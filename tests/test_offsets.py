@@ -680,7 +680,8 @@ def tpu_index_violations(kernel: MosaicKernel) -> tuple[list[str], list[str]]:
         starts = []
         for d, (value, w, size) in enumerate(zip(ret.operands, bounds, buffer.shape)):
             r = ranges.of(value)
-            if int_width(func.types.get(value)) != 32 or r is None:
+            # i32, or i64 under x64 (where Python ints in index maps are int64): both bounded.
+            if int_width(func.types.get(value)) not in (32, 64) or r is None:
                 violations.append(f"{label}: block index {d} ({value}: {func.types.get(value)}) cannot be bounded")
                 continue
             if r[0] < 0 or r[1] > pl.cdiv(size, w) - 1:

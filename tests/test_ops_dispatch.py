@@ -10,11 +10,28 @@ from fusedvjp import ops
 from fusedvjp.ops import _dispatch
 
 
-def test_auto_is_jnp_on_cpu_and_kernels_with_fallback_on_an_accelerator(monkeypatch):
-    assert _dispatch.resolve_impl("auto") == "jnp"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert _dispatch.resolve_impl("auto") == _dispatch.PALLAS_OR_JNP
-    assert _dispatch.resolve_impl("pallas") == "pallas"
+# What impl="auto" becomes on each backend jax.default_backend() can name: the kernels
+# (with the jnp fallback) on an accelerator, the jnp path on the CPU.
+AUTO = {
+    "cpu": "jnp",
+    "gpu": _dispatch.PALLAS_OR_JNP,
+    "cuda": _dispatch.PALLAS_OR_JNP,
+    "rocm": _dispatch.PALLAS_OR_JNP,
+    "tpu": _dispatch.PALLAS_OR_JNP,
+}
+
+
+def test_auto_follows_the_backend_this_suite_runs_on():
+    """Right on whatever machine runs the suite (a CPU, a GPU or a TPU host)."""
+    assert _dispatch.resolve_impl("auto") == AUTO[jax.default_backend()]
+
+
+@pytest.mark.parametrize("backend", AUTO)
+def test_auto_on_every_backend(monkeypatch, backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert _dispatch.resolve_impl("auto") == AUTO[backend]
+    for impl in ("xla", "jnp", "pallas"):  # an explicit impl is never resolved away
+        assert _dispatch.resolve_impl(impl) == impl
 
 
 def test_a_case_no_kernel_serves(monkeypatch, rng):

@@ -8,7 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import DTYPES, assert_close, float64_oracle, randn
+from conftest import (
+    DTYPES,
+    assert_bf16_elementwise,
+    assert_close,
+    bf16_elementwise_excess,
+    float64_oracle,
+    randn,
+    softmax_cross_entropy_float64,
+)
 from fusedvjp import ops
 
 IMPLS = ("xla", "jnp", "pallas")
@@ -23,6 +31,15 @@ def optax_int_loss(logits, labels, where, label_smoothing, z_loss):
     return jnp.where(where, loss, 0.0)
 
 
+def _check_grad(got, want, terms, dtype, name):
+    """f32: the tolerance table. bf16: entry by entry (conftest.assert_bf16_elementwise) --
+    a tolerance scaled by the row's -1 entry cannot see the V - 1 entries of size ~1/V."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        assert_bf16_elementwise(got, want, terms, err_msg=name)
+    else:
+        assert_close(got, want, dtype, err_msg=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dname", DTYPES)
 @pytest.mark.parametrize("v", [10, 1000, 32003])
@@ -33,7 +50,8 @@ def test_integer_labels_match_optax(impl, dname, v, label_smoothing, z_loss, mas
     logits = randn(rng, (n, v), dtype, 2.0)
     labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
     where = jnp.asarray(rng.random(n) < 0.7) if masked else jnp.ones((n,), bool)
-    g = randn(rng, (n,), jnp.float32)
+    # The loss is in dtype, so its cotangent is rounded to dtype: draw one dtype holds exactly.
+    g = randn(rng, (n,), dtype).astype(jnp.float32)
 
     def op(x):
         return ops.softmax_cross_entropy_with_integer_labels(
@@ -48,8 +66,12 @@ def test_integer_labels_match_optax(impl, dname, v, label_smoothing, z_loss, mas
         return out, f(g)[0]
 
     want_loss, want_grad = float64_oracle(oracle, logits, g)
+    exact = softmax_cross_entropy_float64(logits, labels, g, where=where, label_smoothing=label_smoothing,
+                                          z_loss=z_loss)
+    # The numpy oracle (used for the element-wise bf16 check) is optax's VJP in float64.
+    np.testing.assert_allclose(exact.dlogits, want_grad, rtol=1e-9, atol=1e-12)
     assert_close(loss, want_loss, dtype)
-    assert_close(dlogits, want_grad, dtype)
+    _check_grad(dlogits, exact.dlogits, exact.dlogits_terms, dtype, "dlogits")
     assert dlogits.dtype == dtype
     assert np.all(np.asarray(dlogits, np.float32)[~np.asarray(where)] == 0)
 
@@ -63,7 +85,8 @@ def test_probability_labels_match_optax(impl, dname, v, rng):
     t = rng.random((n, v)) ** 4
     labels = jnp.asarray(t / t.sum(-1, keepdims=True), dtype)
     where = jnp.asarray(rng.random(n) < 0.7)
-    g = randn(rng, (n,), jnp.float32)
+    # The loss is in dtype, so its cotangent is rounded to dtype: draw one dtype holds exactly.
+    g = randn(rng, (n,), dtype).astype(jnp.float32)
 
     def op(x, t):
         return ops.softmax_cross_entropy(x, t, where=where, impl=impl).astype(jnp.float32)
@@ -76,9 +99,46 @@ def test_probability_labels_match_optax(impl, dname, v, rng):
         return out, f(g)
 
     want_loss, want_grads = float64_oracle(oracle, logits, labels, g)
+    exact = softmax_cross_entropy_float64(logits, labels, g, where=where)
     assert_close(loss, want_loss, dtype)
-    for got, want in zip(grads, want_grads):
-        assert_close(got, want, dtype)
+    for name, got, want, exact_want, terms in zip(("dlogits", "dlabels"), grads, want_grads,
+                                                  (exact.dlogits, exact.dlabels),
+                                                  (exact.dlogits_terms, exact.dlabels_terms)):
+        np.testing.assert_allclose(exact_want, want, rtol=1e-9, atol=1e-12, err_msg=f"numpy oracle: {name}")
+        _check_grad(got, exact_want, terms, dtype, name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["integer_labels", "probability_labels"])
+def test_bf16_check_catches_softmax_terms_50_percent_too_large(op, impl, rng):
+    """The element-wise bf16 check bites where the old one could not: at V = 32003 a
+    gradient g (1.5 c p - t) -- every softmax term 50% too large -- fails it, built on each
+    impl's own bf16 gradient (which passes). With integer labels the old check
+    (`assert_close`, atol 1.6e-2 * max|want|, ~1.6e-2 |g| since one entry per row is
+    p_y - 1) let it through: the planted error 0.5 |g| p is ~2e-6 |g| for a typical
+    p ~ 1/(V e^2)."""
+    n, v = 2, 32003  # interpret-mode pallas at V = 32003: keep N small
+    logits = randn(rng, (n, v), jnp.bfloat16, 2.0)
+    g = randn(rng, (n,), jnp.bfloat16)
+    if op == "integer_labels":
+        labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
+        fn = ops.softmax_cross_entropy_with_integer_labels
+    else:
+        t = rng.random((n, v)) ** 4
+        labels = jnp.asarray(t / t.sum(-1, keepdims=True), jnp.bfloat16)
+        fn = ops.softmax_cross_entropy
+    _, vjp = jax.vjp(lambda x: fn(x, labels, impl=impl), logits)
+    (dlogits,) = vjp(g)
+    exact = softmax_cross_entropy_float64(logits, labels, g)
+    honest = bf16_elementwise_excess(dlogits, exact.dlogits, exact.dlogits_terms)
+    assert honest <= 1.0, f"{impl}: the real gradient is {honest:.3g} x the bound"
+    # The bug: every softmax term g c p 50% too large, on top of the impl's own result.
+    planted = jnp.asarray(np.asarray(dlogits, np.float64) + 0.5 * exact.dlogits_softmax_part, jnp.bfloat16)
+    excess = bf16_elementwise_excess(planted, exact.dlogits, exact.dlogits_terms)
+    # Where t = 0 the error 0.5 |g c p| is 0.5 / (1.25 * 2**-8) = 102 x the bound.
+    assert excess > 50, f"{impl}: planted error only {excess:.3g} x the bound"
+    with pytest.raises(AssertionError, match="bf16 element-wise error"):
+        assert_bf16_elementwise(planted, exact.dlogits, exact.dlogits_terms, err_msg="planted")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -91,7 +151,7 @@ def test_neg_inf_logits_are_masked_vocabulary(impl, rng):
     logits = jnp.where(masked, -jnp.inf, logits)
     f = lambda x: ops.softmax_cross_entropy_with_integer_labels(x, labels, impl=impl)  # noqa: E731
     loss, vjp = jax.vjp(f, logits)
-    (grad,) = vjp(jnp.ones((n,)))
+    (grad,) = vjp(jnp.ones((n,), jnp.float32))
     assert np.isfinite(loss).all()
     assert np.all(np.asarray(grad)[np.asarray(masked)] == 0)
     # Same as dropping the masked entries: the finite logits' loss is unchanged.
@@ -160,7 +220,7 @@ def test_out_of_range_labels_give_nan_rows(impl, rng):
     where = jnp.asarray([True, True, True, True, False])
     f = lambda x: ops.softmax_cross_entropy_with_integer_labels(x, labels, where=where, impl=impl)  # noqa: E731
     loss, vjp = jax.vjp(f, logits)
-    (grad,) = vjp(jnp.ones((n,)))
+    (grad,) = vjp(jnp.ones((n,), jnp.float32))
     loss, grad = np.asarray(loss), np.asarray(grad)
     assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
     assert loss[4] == 0 and np.all(grad[4] == 0), "a where=False row with a padding label must be 0"
@@ -175,10 +235,14 @@ def test_out_of_range_labels_give_nan_rows(impl, rng):
         ("int", ((4, 10), (5,)), {"int_labels": True}, ValueError, r"labels must have shape \(4,\)"),
         ("int", ((4, 10), (4,)), {"int_labels": True, "label_smoothing": 1.0}, ValueError, r"label_smoothing must be in \[0.0, 1.0\)"),
         ("int", ((4, 10), (4,)), {"int_labels": True, "z_loss": -1.0}, ValueError, r"z_loss must be in"),
-        ("int", ((4, 10), (4,)), {"int_labels": True, "where": (3,)}, ValueError, r"where must have the batch shape \(4,\)"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "where": (3,)}, ValueError,
+         r"where must have \(or broadcast to\) the batch shape \(4,\)"),
+        ("prob", ((4, 10), (4, 10)), {"where": (4, 9)}, ValueError, r"\(a class mask\), got \(4, 9\)"),
+        ("prob", ((4, 10), (4, 10)), {"axis": 2}, ValueError, r"axis 2 is out of range for logits of shape \(4, 10\)"),
+        ("prob", ((4, 10), (4, 10)), {"axis": (1, -1)}, ValueError, r"axis \(1, -1\) repeats an axis"),
+        ("int", ((4, 10), (4,)), {"int_labels": True, "axis": 1.0}, TypeError, r"axis must be an int or a non-empty tuple"),
         ("int", ((4, 10), (4,)), {"int_labels": True, "impl": "triton"}, ValueError, r"unknown impl"),
         ("prob", ((4, 10), (4, 9)), {}, ValueError, r"labels must have the shape of logits \(4, 10\)"),
-        ("prob", ((4, 0), (4, 0)), {}, ValueError, r"V >= 1"),
     ],
 )
 def test_bad_input_errors(fn, args, kwargs, exc, match):

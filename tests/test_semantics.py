@@ -63,7 +63,7 @@ def test_masked_padding_row_keeps_the_previous_layers_gradient_finite(impl, rng)
     x, w = randn(rng, (5, 8), jnp.float32), randn(rng, (8, 10), jnp.float32, 0.3)
     labels = jnp.asarray(rng.integers(0, 10, (5,)), jnp.int32)
     where = jnp.asarray([True, True, False, True, False])
-    pad = jnp.asarray([0.0, 0.0, -jnp.inf, 0.0, jnp.nan])[:, None]
+    pad = jnp.asarray([0.0, 0.0, -jnp.inf, 0.0, jnp.nan], jnp.float32)[:, None]
 
     def loss(w):
         logits = ops.dense(x, w, impl=impl) + pad
