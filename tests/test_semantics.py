@@ -288,3 +288,43 @@ def test_forward_mode_works_with_xla(rng):
     x, fns = _scalar_fns(rng)
     for f in fns.values():
         jax.jvp(functools.partial(f, impl="xla"), (x,), (x,))
+
+
+# --- optax's where: per class (the logits' rank) and per row (the labels' rank) ------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_class_mask_matches_optax(impl, rng):
+    optax = pytest.importorskip("optax")
+    n, v = 6, 12
+    logits = randn(rng, (n, v), jnp.float32, 2.0)
+    mask = jnp.asarray(rng.random((n, v)) < 0.6).at[:, 0].set(True).at[3].set(False)  # row 3: no class left
+    labels = jnp.asarray(rng.integers(0, v, (n,)), jnp.int32)
+    labels = jnp.where(jnp.take_along_axis(mask, labels[:, None], 1)[:, 0], labels, 0)  # labels on kept classes
+    t = jnp.where(mask, jnp.asarray(rng.random((n, v)), jnp.float32), 0.0)
+    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-9)
+    for fn, optax_fn, lab in ((ops.softmax_cross_entropy_with_integer_labels,
+                               optax.softmax_cross_entropy_with_integer_labels, labels),
+                              (ops.softmax_cross_entropy, optax.softmax_cross_entropy, t)):
+        got, got_grad = jax.value_and_grad(lambda x: fn(x, lab, where=mask, impl=impl).sum())(logits)
+        want, want_grad = jax.value_and_grad(lambda x: optax_fn(x, lab, where=mask).sum())(logits)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(fn(logits, lab, where=mask, impl=impl)[3], 0.0)
+    # A label on a masked class: +inf (optax would subtract the masked class's raw logit).
+    bad = jnp.asarray([0, 1, 2, 3, 4, 5], jnp.int32)
+    mask2 = jnp.ones((n, v), bool).at[1, 1].set(False)
+    loss = ops.softmax_cross_entropy_with_integer_labels(logits, bad, where=mask2, impl=impl)
+    assert np.isposinf(loss[1]) and np.all(np.isfinite(np.delete(np.asarray(loss), 1)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_axis_and_broadcast_row_mask(impl, rng):
+    logits = randn(rng, (3, 5, 4), jnp.float32)  # classes on axis 1
+    labels = jnp.asarray(rng.integers(0, 5, (3, 4)), jnp.int32)
+    row_mask = jnp.asarray([[True], [False], [True]])  # [3, 1] broadcasts to the labels' [3, 4]
+    got = ops.softmax_cross_entropy_with_integer_labels(logits, labels, axis=1, where=row_mask, impl=impl)
+    want = ops.softmax_cross_entropy_with_integer_labels(
+        jnp.moveaxis(logits, 1, -1), labels, where=jnp.broadcast_to(row_mask, (3, 4)), impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], 0.0)
