@@ -4,10 +4,14 @@
   [--modes fwd,fwd+bwd] [--impls pallas,xla,jnp] [--out DIR] [--quick]``: the table
   (speedup over xla first), and results.json / results.md / roofline.png in ``DIR``.
 * ``pytest bench --benchmark-only``: the same cases under pytest-benchmark.
-* ``bash bench/device_check.sh``: install, GPU tests, full benchmark and MNIST training
-  on a GPU machine in under 8 minutes.
+* ``python -m fusedvjp.bench.sweep``: the block-size sweep that writes the tuning table.
+* ``bash bench/device_check.sh``: install, GPU tests, sweep, the benchmark with the peers
+  and MNIST training on a GPU machine in under 8 minutes.
 
 Modules: :mod:`~fusedvjp.bench.cases` (what to time, from the op registry),
-:mod:`~fusedvjp.bench.timing`, :mod:`~fusedvjp.bench.roofline`, :mod:`~fusedvjp.bench.report`.
+:mod:`~fusedvjp.bench.measure` (one case: wall clock, device time, loops, peers),
+:mod:`~fusedvjp.bench.timing`, :mod:`~fusedvjp.bench.devtime` (device time from a profiler
+trace), :mod:`~fusedvjp.bench.peers`, :mod:`~fusedvjp.bench.roofline`,
+:mod:`~fusedvjp.bench.report`, :mod:`~fusedvjp.bench.sweep`.
 CPU numbers (Pallas in interpret mode) say nothing about speed.
 """

@@ -4,23 +4,28 @@ Times every (op, shape, dtype, mode) for each impl under ``jax.jit`` and prints 
 whose first column is the speedup over ``impl="xla"`` (XLA's autodiff of the plain-jnp
 reference). With ``--out DIR`` it writes results.json, results.md and roofline.png.
 ``--table DIR/results.json`` prints the table of an earlier run.
+``--static --target h100|h200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
+this CPU machine and reports what the compiler decided (see :mod:`fusedvjp.bench.static`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import pathlib
 import signal
 import sys
+import tempfile
 import threading
 
 import jax
 
 from fusedvjp.bench import cases as cases_lib
-from fusedvjp.bench import report, roofline, timing
+from fusedvjp.bench import measure, peers as peers_lib, report, roofline, static
 
-QUICK_ITERS = 5
+QUICK_ITERS = measure.QUICK_ITERS
 
 
 def _csv(choices=None):
@@ -40,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ops = sorted((*cases_lib.all_op_names(), *cases_lib.ALIASES))
     p = argparse.ArgumentParser(prog="python -m fusedvjp.bench", description=__doc__.splitlines()[0])
     p.add_argument("--ops", type=_csv(ops), default=None, help=f"comma list (default all): {', '.join(ops)}")
-    p.add_argument("--shapes", type=_csv(cases_lib.SHAPE_SETS), default=list(cases_lib.SHAPE_SETS),
-                   help="mnist (with mnist_train_step) and/or llm (default both)")
+    p.add_argument("--shapes", type=_csv(static.SHAPE_SETS), default=None,
+                   help="mnist (with mnist_train_step) and/or llm (default both); --static also odd "
+                        "(the registry's test shapes; default all three)")
     p.add_argument("--dtypes", type=_csv(cases_lib.DTYPES), default=list(cases_lib.DTYPES))
     p.add_argument("--modes", type=_csv(cases_lib.MODES), default=list(cases_lib.MODES))
     p.add_argument("--impls", type=_csv(cases_lib.IMPLS), default=list(cases_lib.IMPLS))
@@ -49,8 +55,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"tiny shapes and {QUICK_ITERS} timed calls (a smoke run: the numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", default="auto",
+                   help="auto (every peer library on a GPU, none on a CPU), none, or a comma list of "
+                        f"{', '.join(peer.short for peer in peers_lib.PEERS.values())} (run where they can, the CPU included)")
+    p.add_argument("--targets-first", action="store_true",
+                   help="time the cases the targets judge first (a run cut short by a time limit keeps them)")
+    p.add_argument("--loop-n", type=int, default=measure.LOOP_N,
+                   help=f"launch-bound rows (median under {measure.LAUNCH_BOUND_MS} ms) are also timed as N calls in "
+                        "one dispatch (a fori_loop), per call; 0: off")
     p.add_argument("--table", metavar="RESULTS_JSON", default=None, help="print the table of an earlier run and exit")
-    return p.parse_args(argv)
+    p.add_argument("--static", action="store_true",
+                   help="time nothing: compile fwd+bwd for --target on this CPU machine and report registers, "
+                        "shared memory, spills, occupancy, tensor-core use, peak memory and the roofline floor "
+                        "(needs the aot extra); without --ops/--shapes/--dtypes it rewrites "
+                        "bench/results/static-<target>/")
+    p.add_argument("--target", type=_csv(static.TARGET_NAMES), default=None,
+                   help=f"--static only: comma list of {', '.join(static.TARGET_NAMES)}")
+    args = p.parse_args(argv)
+    if args.static and not args.target:
+        p.error("--static needs --target")
+    if args.target and not args.static:
+        p.error("--target goes with --static")
+    if args.peers not in ("auto", "none"):
+        try:
+            peers_lib.resolve([n for n in args.peers.split(",") if n])
+        except ValueError as e:
+            p.error(f"--peers: {e}")
+    if args.loop_n < 0:
+        p.error(f"--loop-n must be >= 0, got {args.loop_n}")
+    if args.shapes is None:
+        args.shapes = list(static.SHAPE_SETS if args.static else cases_lib.SHAPE_SETS)
+    elif not args.static and "odd" in args.shapes:
+        p.error("--shapes odd goes with --static (the timed benchmark runs mnist and llm)")
+    return args
 
 
 def _platform() -> str:
@@ -58,13 +95,10 @@ def _platform() -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
-def _error_text(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"[:300]
-
-
-def run_case(case: cases_lib.Case, impls, roof: roofline.Roofline, *, quick: bool, seed: int, log=print) -> list[dict]:
-    """Times ``case`` for each impl; a failure becomes that row's ``error`` (timings null).
+def run_case(case: cases_lib.Case, impls, roof: roofline.Roofline, *, quick: bool, seed: int, log=print,
+             opts: measure.Options | None = None, skipped: list | None = None) -> list[dict]:
+    """Times ``case`` for each impl (and the peers in ``opts``); a failure becomes that row's
+    ``error`` (timings null). See :func:`fusedvjp.bench.measure.measure_case`.
 
     Args:
       case: what to time.
@@ -73,47 +107,19 @@ def run_case(case: cases_lib.Case, impls, roof: roofline.Roofline, *, quick: boo
       quick: few calls and two input copies.
       seed: seed of the random inputs (the same inputs for every impl).
       log: progress sink.
+      opts: device time, loop time and peers (default: as on this platform, no peers).
+      skipped: where the peers that declined the case are appended (``{peer, op, case, reason}``).
 
     Returns:
-      One row dict per impl (results.json's schema plus derived fields).
+      One row dict per impl and peer (results.json's schema plus derived fields).
     """
-    base = {"op": case.op, "shape": list(case.shape), "dtype": case.dtype, "mode": case.mode,
-            "bytes": case.bytes(), "flops": case.flops()}
-    try:
-        inputs = case.input_copies(seed, max_copies=2 if quick else cases_lib.MAX_COPIES)
-    except Exception as e:  # noqa: BLE001 -- recorded in the rows, the run goes on
-        return [_error_row(base, impl, e) for impl in impls]
-    rows = []
-    for impl in impls:
-        try:
-            compiled = timing.compile_fn(case.function(impl), inputs[0])
-            iters = dict(warmup=1, min_iters=QUICK_ITERS, max_iters=QUICK_ITERS) if quick else {}
-            stats = timing.summarize(timing.time_calls(compiled.fn, inputs, **iters))
-        except Exception as e:  # noqa: BLE001 -- recorded in the row, the run goes on
-            rows.append(_error_row(base, impl, e))
-            log(f"  {impl:<6} error: {rows[-1]['error']}")
-            continue
-        row = {**base, "impl": impl, "median_ms": stats.median * 1e3, "p20_ms": stats.p20 * 1e3,
-               "p80_ms": stats.p80 * 1e3, "compile_s": compiled.compile_s, "peak_temp_bytes": compiled.peak_temp_bytes,
-               "n_calls": stats.n, "input_copies": len(inputs)}
-        row.update(roofline.row_metrics(row["bytes"], row["flops"], case.dtype, stats.median, roof))
-        rows.append(_ordered(row))
-        log(f"  {impl:<6} {row['median_ms']:.4g} ms (compile {row['compile_s']:.2f} s, {stats.n} calls)")
+    platform = _platform()
+    opts = dataclasses.replace(opts or measure.Options(quick, seed, platform, platform != "cpu", measure.LOOP_N),
+                               quick=quick, seed=seed)
+    rows, declined = measure.measure_case(case, impls, roof, opts, log)
+    if skipped is not None:
+        skipped.extend(declined)
     return rows
-
-
-_KEYS = ("op", "shape", "dtype", "mode", "impl", "median_ms", "p20_ms", "p80_ms", "compile_s", "bytes", "flops",
-         "peak_temp_bytes")
-
-
-def _ordered(row: dict) -> dict:
-    return {**{k: row[k] for k in _KEYS}, **{k: v for k, v in row.items() if k not in _KEYS}}
-
-
-def _error_row(base: dict, impl: str, e: BaseException) -> dict:
-    row = {**base, "impl": impl, "median_ms": None, "p20_ms": None, "p80_ms": None, "compile_s": None,
-           "peak_temp_bytes": 0, "error": _error_text(e)}
-    return _ordered(row)
 
 
 def _notes(args, partial: bool) -> list[str]:
@@ -126,6 +132,13 @@ def _notes(args, partial: bool) -> list[str]:
         "are the minimal traffic and work (registry); % roof = roofline time / median, roofline time = "
         "max(bytes / copy bandwidth, flops / matmul rate of the dtype).",
         "fwd+bwd = jax.vjp of the op w.r.t. its differentiable inputs, applied to a random cotangent.",
+        "device ms = median over profiled calls of the device time per call (union of its kernels' intervals in a "
+        "jax.profiler trace; torch rows fall back to CUDA events, marked *), dev speedup = xla device ms / device ms, "
+        "% roof dev = roofline time / device ms; n/a (CPU) on a CPU. loop ms = one call's share of "
+        f"N calls run in one dispatch (lax.fori_loop, N = --loop-n, inputs unchanged), for rows under "
+        f"{measure.LAUNCH_BOUND_MS} ms: dispatch amortized.",
+        "peer:* rows: other libraries on the same inputs and contract (see ## Peers); their forward output is "
+        "checked against the xla reference.",
     ]
     if args.quick:
         notes.append(f"--quick: tiny shapes and {QUICK_ITERS} timed calls per row (not >= 30): a smoke run.")
@@ -147,21 +160,31 @@ def _on_sigterm(signum, frame):
 def run(args: argparse.Namespace, log=print) -> dict:
     """Runs the benchmark described by ``args``; returns the results.json document."""
     case_list = cases_lib.build_cases(args.ops, args.shapes, args.dtypes, args.modes, quick=args.quick)
+    if getattr(args, "targets_first", False):
+        judged = {(t.op, t.shape, t.dtype, t.mode) for t in report.targets()}
+        case_list.sort(key=lambda c: (c.op, c.shape, c.dtype, c.mode) not in judged)  # stable: the rest keep order
     platform = _platform()
     if platform == "cpu" and not args.quick and "llm" in args.shapes:
         log("warning: llm shapes on CPU (interpret mode) take very long; use --quick")
     log(f"measuring ceilings on {jax.devices()[0].device_kind} ...")
     roof = roofline.measure(platform, quick=args.quick)
+    run_peers, peer_record = peers_lib.select(args.peers, platform, list(dict.fromkeys(c.op for c in case_list)))
+    opts = measure.Options(args.quick, args.seed, platform, device_time=platform != "cpu", loop_n=args.loop_n,
+                           peers=run_peers)
     doc = {"device": str(jax.devices()[0].device_kind), "platform": platform, "jax_version": jax.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "roofline": {"hbm_gbps": roof.hbm_gbps, "bf16_tflops": roof.bf16_tflops, "f32_tflops": roof.f32_tflops},
+           "device_time": _device_time_record(platform), "tuning": _tuning_record(), "peers": peer_record,
            "results": []}
     log(report.header(doc))
+    for skip in peer_record["skipped"]:
+        log(f"peer {skip['peer']} skipped{' (' + skip['op'] + ')' if 'op' in skip else ''}: {skip['reason']}")
     interrupted = False
     try:
         for i, case in enumerate(case_list, 1):
             log(f"[{i}/{len(case_list)}] {case.label}")
-            doc["results"].extend(run_case(case, args.impls, roof, quick=args.quick, seed=args.seed + i, log=log))
+            doc["results"].extend(run_case(case, args.impls, roof, quick=args.quick, seed=args.seed + i, log=log,
+                                           opts=opts, skipped=peer_record["skipped"]))
             report.add_speedups(doc["results"])
             if args.out:  # after every case, so a run stopped by a timeout leaves its rows
                 report.write_outputs(doc, args.out, _notes(args, True), plot=False)
@@ -174,14 +197,99 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return doc
 
 
+def _device_time_record(platform: str) -> dict:
+    if platform == "cpu":
+        return {"measured": False, "note": "n/a (CPU): no device to trace; device_ms is null"}
+    return {"measured": True, "note": f"device_ms: median over {measure.PROFILED_CALLS} calls of the union of the "
+            "call's kernel intervals in a jax.profiler trace (torch rows: CUDA events where the trace saw none)"}
+
+
+def _tuning_record() -> dict:
+    """Which block-size table the pallas rows read, and how many entries it has for this device."""
+    from fusedvjp.kernels import _common
+
+    try:
+        entries = _common.tuning_table().get(str(jax.devices()[0].device_kind), {})
+        error = None
+    except (OSError, ValueError) as e:
+        entries, error = {}, str(e)
+    record = {"file": str(_common.tuning_path()), "device_entries": len(entries)}
+    if error:
+        record["error"] = error
+    return record
+
+
+_DOC_KEYS = ("device", "platform", "jax_version", "date", "roofline", "results")
+
+
+def _read_table(path: str) -> tuple[dict, str]:
+    """An earlier run's results.json and its summary table.
+
+    Raises:
+      SystemExit: the file cannot be read, is not JSON, or is not a results.json of this
+        benchmark (the message names the file and the problem).
+    """
+    def fail(problem: str):
+        return SystemExit(f"error: --table {path}: {problem}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise fail(f"cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise fail(f"not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise fail(f"not a results.json of python -m fusedvjp.bench (a JSON {type(doc).__name__}, not an object)")
+    missing = [k for k in _DOC_KEYS if k not in doc]
+    if missing:
+        raise fail(f"not a results.json of python -m fusedvjp.bench (missing {', '.join(missing)})")
+    try:
+        return doc, report.summary(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a row or the roofline lacks a field
+        raise fail(f"malformed results.json ({type(e).__name__}: {e})") from None
+
+
+def _check_before_timing(args: argparse.Namespace) -> None:
+    """Fails fast on what would otherwise surface after minutes of timing: a selection
+    with no case, and an ``--out`` that cannot be written.
+
+    Raises:
+      SystemExit: with what was selected, or the ``--out`` path and the reason.
+    """
+    if not cases_lib.build_cases(args.ops, args.shapes, args.dtypes, args.modes, quick=args.quick):
+        selected = " ".join(f"--{name} {','.join(getattr(args, name))}"
+                            for name in ("ops", "shapes", "dtypes", "modes") if getattr(args, name) is not None)
+        offered = []
+        for op in dict.fromkeys(cases_lib.resolve_op(o) for o in (args.ops or cases_lib.all_op_names())):
+            op_cases = cases_lib.build_cases([op], quick=args.quick)  # every shape set, dtype and mode
+            shape_sets = ",".join(dict.fromkeys(c.shape_set for c in op_cases)) or "none"
+            offered.append(f"{cases_lib.short_name(op)}: shapes {shape_sets}, "
+                           f"modes {','.join(sorted({c.mode for c in op_cases}))}")
+        raise SystemExit(f"error: no benchmark case matches {selected} (what each op offers: {'; '.join(offered)})")
+    if args.out:
+        out = pathlib.Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            raise SystemExit(f"error: --out {out} is not a writable directory: {e.strerror or e}") from None
+
+
 def main(argv=None) -> dict:
     """CLI entry: runs, prints the summary table last, returns the results document."""
     args = parse_args(argv)
     if args.table:
-        with open(args.table) as f:
-            doc = json.load(f)
-        print(report.summary(doc))
+        doc, table = _read_table(args.table)
+        print(table)
         return doc
+    if args.static:
+        docs = static.main(args.target, args.ops, args.shapes, args.dtypes, args.out)
+        if any(r["problems"] for doc in docs for r in doc["results"]):
+            raise SystemExit(1)
+        return {"targets": docs}
+    _check_before_timing(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 -- progress to stderr, table to stdout
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:  # a SIGTERM (from `timeout`) still writes the files, as Ctrl-C does

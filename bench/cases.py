@@ -252,6 +252,12 @@ class Case:
             return op
         return functools.partial(_fwd_bwd, op, spec.diff_argnums)
 
+    def wrap(self, op: Callable[..., Any]) -> Callable[..., Any]:
+        """``op`` (a function of the op's arrays, e.g. a peer library's) in this case's mode,
+        the way :meth:`function` builds our impls: ``op`` itself for fwd; for fwd+bwd
+        ``jax.vjp`` w.r.t. ``spec.diff_argnums`` applied to the cotangent."""
+        return op if self.mode == "fwd" else functools.partial(_fwd_bwd, op, self.spec.diff_argnums)
+
 
 def _train_step(params, x, y, *, impl):
     return mlp.sgd_step(params, x, y, TRAIN_STEP_LR, impl)

@@ -21,11 +21,13 @@ def case_key(row: dict) -> tuple:
 
 
 def add_speedups(rows: Sequence[dict]) -> None:
-    """Sets ``speedup_vs_xla = xla median / row median`` on each row (None without an xla time)."""
-    xla = {case_key(r): r["median_ms"] for r in rows if r["impl"] == "xla" and r.get("median_ms")}
-    for r in rows:
-        base = xla.get(case_key(r))
-        r["speedup_vs_xla"] = base / r["median_ms"] if base and r.get("median_ms") else None
+    """Sets ``speedup_vs_xla = xla median / row median`` and ``device_speedup_vs_xla = xla
+    device ms / row device ms`` on each row (None without both times)."""
+    for field, out in (("median_ms", "speedup_vs_xla"), ("device_ms", "device_speedup_vs_xla")):
+        xla = {case_key(r): r[field] for r in rows if r["impl"] == "xla" and r.get(field)}
+        for r in rows:
+            base = xla.get(case_key(r))
+            r[out] = base / r[field] if base and r.get(field) else None
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -100,23 +102,31 @@ def evaluate(target: Target, rows: Sequence[dict], roof: Roofline) -> dict:
 
 # --- text -----------------------------------------------------------------------------------
 
-COLUMNS = ("speedup", "op", "shape", "dtype", "mode", "impl", "median ms", "p20-p80 ms", "GB/s", "TFLOP/s",
-           "% roof", "bound", "compile s", "temp MiB")
+COLUMNS = ("speedup", "op", "shape", "dtype", "mode", "impl", "median ms", "p20-p80 ms", "device ms", "dev speedup",
+           "loop ms", "GB/s", "TFLOP/s", "% roof", "% roof dev", "bound", "compile s", "temp MiB")
 
 
 def _cells(r: dict) -> list[str]:
     def num(v, fmt):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    common = [cases_lib.short_name(r["op"]), "x".join(map(str, r["shape"])), r["dtype"], r["mode"], r["impl"]]
+    failed = str(r.get("check", "")).startswith("FAILED")  # a peer whose forward is wrong: its time does not count
+    common = [cases_lib.short_name(r["op"]), "x".join(map(str, r["shape"])), r["dtype"], r["mode"],
+              r["impl"] + ("!" if failed else "")]
     if not r.get("median_ms"):
-        return ["-", *common, "error: " + (r.get("error") or "no time")[:70]] + [""] * 7
-    speedup = r.get("speedup_vs_xla")
+        return ["-", *common, "error: " + (r.get("error") or "no time")[:70]] + [""] * (len(COLUMNS) - 7)
+    speedup, dev_speedup = r.get("speedup_vs_xla"), r.get("device_speedup_vs_xla")
+    if r.get("device_ms"):
+        device = num(r["device_ms"], ".4g") + ("*" if r.get("device_source") == "cuda_events" else "")
+    else:
+        device = "n/a (CPU)" if r.get("device_note") == "n/a (CPU)" else "-"
+    temp = r.get("peak_temp_bytes")
     return [
         "-" if speedup is None else f"{speedup:.2f}x", *common,
-        num(r["median_ms"], ".4g"), f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", num(r.get("gbps"), ".1f"),
-        num(r.get("tflops"), ".3g"), num(r.get("pct_of_roofline"), ".0f"), r.get("bound", "-"),
-        num(r.get("compile_s"), ".2f"), num(r["peak_temp_bytes"] / 2**20, ".1f"),
+        num(r["median_ms"], ".4g"), f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", device,
+        "-" if dev_speedup is None else f"{dev_speedup:.2f}x", num(r.get("loop_ms"), ".4g"), num(r.get("gbps"), ".1f"),
+        num(r.get("tflops"), ".3g"), num(r.get("pct_of_roofline"), ".0f"), num(r.get("device_pct_of_roofline"), ".0f"),
+        r.get("bound", "-"), num(r.get("compile_s"), ".2f"), "-" if temp is None else num(temp / 2**20, ".1f"),
     ]
 
 
@@ -162,10 +172,42 @@ def header(doc: dict) -> str:
 
 
 def summary(doc: dict) -> str:
-    """Header, table and targets: what the CLI prints last."""
+    """Header, table, skipped peers and targets: what the CLI prints last."""
     legend = ", ".join(f"{a} = {n}" for a, n in cases_lib.ALIASES.items())
-    return "\n".join([header(doc), f"speedup = xla median / impl median; {legend}", "",
-                      format_table(doc["results"]), "", "targets (GPU, impl pallas):", format_targets(doc)])
+    lines = [header(doc), f"speedup = xla median / impl median (wall clock); dev speedup = xla device ms / impl "
+             f"device ms; loop ms = per call of N in one dispatch; * = CUDA events; ! = forward check failed; {legend}", "",
+             format_table(doc["results"]), ""]
+    skipped = (doc.get("peers") or {}).get("skipped") or []
+    if skipped:
+        lines += ["peers skipped:", *(f"  {s['peer']}{' ' + s['op'] if s.get('op') else ''}: {s['reason']}"
+                                      for s in skipped), ""]
+    return "\n".join([*lines, "targets (GPU, impl pallas):", format_targets(doc)])
+
+
+def format_peers(doc: dict) -> list[str]:
+    """results.md's Peers section: what each peer ran, what it lacks, who was skipped and why,
+    and any forward check that failed."""
+    record = doc.get("peers")
+    if not record:
+        return []
+    lines = ["", "## Peers", "", f"Requested: `--peers {record.get('requested', 'auto')}`.", ""]
+    for peer, ops_run in (record.get("ran") or {}).items():
+        missing = (record.get("not_covered") or {}).get(peer) or []
+        note = next((r.get("peer_note") for r in doc["results"] if r["impl"] == peer and r.get("peer_note")), "")
+        lines.append(f"- {peer}: ran {', '.join(map(cases_lib.short_name, ops_run)) or 'nothing'}"
+                     + (f"; no counterpart for {', '.join(map(cases_lib.short_name, missing))}" if missing else "")
+                     + (f" ({note})" if note else ""))
+    skipped = record.get("skipped") or []
+    if skipped:
+        lines += ["Skipped:", ""] if lines[-1] == "" else ["", "Skipped:", ""]
+        lines += [f"- {s['peer']}{' `' + s['op'] + '`' if s.get('op') else ''}"
+                  f"{' ' + s['case'] if s.get('case') else ''}: {s['reason']}" for s in skipped]
+    failed = [r for r in doc["results"] if str(r.get("check", "")).startswith("FAILED")]
+    if failed:
+        lines += ["", "Forward checks that FAILED (their times do not compare):", ""]
+        lines += [f"- {r['impl']} {cases_lib.short_name(r['op'])} {'x'.join(map(str, r['shape']))} {r['dtype']} "
+                  f"{r['mode']}: {r['check']}" for r in failed]
+    return lines
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -176,6 +218,7 @@ def _markdown(doc: dict, notes: Sequence[str]) -> str:
     lines = ["# fusedvjp benchmark", "", header(doc).replace("\n", "  \n"), "", *[f"- {n}" for n in notes], "",
              "## Results", "", "| " + " | ".join(md_cols) + " |", "|" + " --- |" * len(md_cols)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in doc["results"]]
+    lines += format_peers(doc)
     lines += ["", "## Targets (GPU, impl pallas)", "", format_targets(doc, markdown=True)]
     errors = [r for r in doc["results"] if r.get("error")]
     if errors:

@@ -125,3 +125,32 @@ def time_calls(
         times.append(clock() - start)
         call += 1
     return times
+
+
+def looped(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
+    """``fn`` applied ``n`` times in one dispatch (a ``lax.fori_loop`` inside the jit).
+
+    For launch-bound shapes, where one call's host dispatch outweighs its kernels: the
+    looped function's time over ``n`` is what a call costs once dispatch is amortized
+    (kernel time plus the gaps between kernels; the inputs stay the same every iteration).
+    Each iteration passes its inputs and outputs through ``lax.optimization_barrier``, so
+    the next iteration's inputs depend on this one's result: XLA can neither hoist the
+    loop-invariant call out of the loop nor drop an iteration.
+
+    Returns:
+      A function of ``fn``'s arguments returning the last iteration's outputs.
+    """
+    from jax import lax
+    import jax.numpy as jnp
+
+    def run(*args):
+        out_shape = jax.eval_shape(fn, *args)
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+        def body(_, carry):
+            inputs, _ = carry
+            return lax.optimization_barrier((inputs, fn(*inputs)))
+
+        return lax.fori_loop(0, n, body, (args, init))[1]
+
+    return run

@@ -16,10 +16,15 @@ implementation in the kernel file's table.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import json
+import os
+import pathlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -227,3 +232,141 @@ def check_block_sizes(block_sizes: Any, cls: type, backend: str | None, *dims: i
     check_backend(backend)
     for name in (backend,) if backend else BACKEND_NAMES:
         block_sizes.check(*dims, name)
+
+
+# --- measured block sizes: the tuning table ----------------------------------------------
+#
+# `bench/sweep.py` times the legal block sizes of each kernel on a device at the benchmark
+# shapes and writes the winners, with their evidence, to a table that ships with the package
+# (`kernels/tuning.json`). Each block-size dataclass's `default()` asks the table first: a hit
+# is a measured config; a miss falls back to the hand-written heuristic. Entries are keyed by
+# the device kind (`jax.Device.device_kind`, e.g. "NVIDIA H100 80GB HBM3") and then by
+# `kernel/backend/dtype/bucket`, the bucket being each dimension rounded up to a power of two
+# (in the order `default()` takes them), so one measurement serves the shapes near it.
+
+TUNING_FILE = pathlib.Path(__file__).with_name("tuning.json")
+# Another table to read instead of the packaged one (the device check reads the one its
+# sweep just wrote).
+TUNING_ENV = "FUSEDVJP_TUNING"
+
+
+def tuning_path() -> pathlib.Path:
+    """The table in use: ``$FUSEDVJP_TUNING`` if set, else the packaged ``tuning.json``."""
+    return pathlib.Path(os.environ.get(TUNING_ENV) or TUNING_FILE)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(path: str, mtime_ns: int) -> dict[str, dict[str, dict]]:
+    del mtime_ns  # part of the cache key: a rewritten table is read again
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise ValueError(f"tuning table {path}: expected {{'entries': {{device_kind: {{key: entry}}}}}}")
+    return entries
+
+
+def tuning_table() -> dict[str, dict[str, dict]]:
+    """``{device_kind: {key: {"config": {...}, "evidence": {...}}}}`` of :func:`tuning_path`
+    (empty if the file does not exist)."""
+    path = tuning_path()
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return {}
+    return _load_table(str(path), mtime)
+
+
+def tuning_key(kernel: str, dims: tuple[int, ...], dtype, backend: str) -> str:
+    """``kernel/backend/dtype/bucket``, e.g. ``dense/triton/bfloat16/8192x4096x4096``."""
+    bucket = "x".join(str(next_power_of_two(int(d))) for d in dims)
+    return f"{kernel}/{backend}/{jnp.dtype(dtype).name}/{bucket}"
+
+
+def device_kind() -> str:
+    """The device being traced for: an abstract mesh's device (lowering for an H100 on a
+    CPU), else the default device."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    kind = getattr(device, "device_kind", None)
+    return str(kind) if kind else str(jax.devices()[0].device_kind)
+
+
+@dataclasses.dataclass
+class TuningSession:
+    """What :func:`tuning_session` yields: the lookups made while it was active.
+
+    ``lookups``: one dict per ``default()`` that asked -- kernel, backend, dims, dtype, key,
+    device kind, ``source`` ("forced", "table" or "heuristic") and the config it got
+    (None for "heuristic": the caller computes it).
+    """
+
+    forced: Mapping[tuple[str, str], Any]
+    lookups: list[dict] = dataclasses.field(default_factory=list)
+
+
+_SESSION: contextvars.ContextVar[TuningSession | None] = contextvars.ContextVar("fusedvjp_tuning", default=None)
+
+
+@contextlib.contextmanager
+def tuning_session(forced: Mapping[tuple[str, str], Any] | None = None) -> Iterator[TuningSession]:
+    """Records the block-size lookups traced inside it; the sweep's hook.
+
+    Lookups happen while tracing, and JAX caches traces: call ``jax.clear_caches()`` before
+    tracing inside a session whose ``forced`` differs from the last one.
+
+    Args:
+      forced: ``{(kernel, backend): block_sizes or None}``: those lookups return that
+        instance (the sweep's candidate), or with None skip the table (the heuristic).
+    """
+    session = TuningSession(dict(forced or {}))
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+
+
+def tuned_block_sizes(cls: type, kernel: str, dims: tuple[int, ...], dtype, backend: str) -> Any | None:
+    """The measured block sizes for this case, or None (then ``default()`` uses its heuristic).
+
+    Called first thing by each block-size dataclass's ``default()``. A table entry whose
+    config this case cannot use (``cls.check`` refuses it, e.g. a TPU block larger than a
+    dimension of the same bucket) is a miss.
+
+    Args:
+      cls: the block-size dataclass; the entry's ``config`` are its fields.
+      kernel: the kernel family (``"dense"``, ``"softmax_cross_entropy"``, ``"layer_norm"``).
+      dims: the dimensions ``default()`` was given, in its order.
+      dtype: the input dtype.
+      backend: ``"triton"`` or ``"mosaic_tpu"``.
+    """
+    session = _SESSION.get()
+    key = tuning_key(kernel, dims, dtype, backend)
+    record = dict(kernel=kernel, backend=backend, dims=tuple(int(d) for d in dims), dtype=jnp.dtype(dtype).name,
+                  key=key)
+    if session is not None and (kernel, backend) in session.forced:
+        forced = session.forced[(kernel, backend)]
+        session.lookups.append({**record, "device_kind": None, "source": "forced" if forced else "heuristic",
+                                "config": dataclasses.asdict(forced) if forced else None})
+        return forced
+    kind = device_kind()
+    entry = tuning_table().get(kind, {}).get(key)
+    found = None
+    if entry is not None:
+        found = cls(**entry["config"])
+        check = getattr(found, "check", None)
+        if check is not None:
+            try:
+                check(*dims, backend)
+            except ValueError:
+                found = None
+    if session is not None:
+        session.lookups.append({**record, "device_kind": kind, "source": "table" if found else "heuristic",
+                                "config": dataclasses.asdict(found) if found else None})
+    return found
+
+
+def tuning_entry(kernel: str, dims: tuple[int, ...], dtype, backend: str) -> dict | None:
+    """The table entry (``config`` and its ``evidence``) for this case on the current
+    device, or None."""
+    return tuning_table().get(device_kind(), {}).get(tuning_key(kernel, dims, dtype, backend))

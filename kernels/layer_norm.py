@@ -93,8 +93,12 @@ class LayerNormBlockSizes:
         """Default tile for ``[rows, cols]`` input of ``dtype`` on ``backend``.
 
         Not measured on a GPU or TPU: each choice follows the lowering rules and the
-        register / VMEM budgets stated beside it.
+        register / VMEM budgets stated beside it. A measured entry of the tuning table
+        (``kernels/tuning.json``, see ``_common.tuned_block_sizes``) wins.
         """
+        tuned = _common.tuned_block_sizes(cls, "layer_norm", (rows, cols), dtype, backend)
+        if tuned is not None:
+            return tuned
         if backend == "triton":
             del dtype  # the math is f32 whatever the input dtype; tiles are sized for f32
             # 128 columns: each row's load is 256 B (bf16) to 512 B (f32) contiguous.

@@ -83,8 +83,12 @@ class CrossEntropyBlockSizes:
         """Default tile for ``[n, v]`` logits of ``dtype`` on ``backend``.
 
         None of these defaults was measured on a GPU or TPU yet; they follow the
-        lowering rules and the register / VMEM budgets below.
+        lowering rules and the register / VMEM budgets below. A measured entry of the
+        tuning table (``kernels/tuning.json``, see ``_common.tuned_block_sizes``) wins.
         """
+        tuned = _common.tuned_block_sizes(cls, "softmax_cross_entropy", (n, v), dtype, backend)
+        if tuned is not None:
+            return tuned
         # The live temporaries are f32 whatever the input dtype, so the dtype does not
         # change the tile (a bf16 input only halves the bytes each step loads).
         del dtype

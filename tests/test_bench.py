@@ -21,7 +21,7 @@ import pytest
 from fusedvjp import ops
 from fusedvjp.bench import __main__ as cli
 from fusedvjp.bench import cases as cases_lib
-from fusedvjp.bench import report, timing
+from fusedvjp.bench import measure, report, timing
 from fusedvjp.bench.roofline import Roofline, row_metrics
 from fusedvjp.ops import registry
 
@@ -47,7 +47,12 @@ def _is_type(value, kind) -> bool:
 
 
 def _check_schema(doc: dict) -> None:
-    assert set(doc) == {"device", "platform", "jax_version", "date", "roofline", "results"}
+    assert set(doc) == {"device", "platform", "jax_version", "date", "roofline", "device_time", "tuning", "peers",
+                        "results"}
+    assert set(doc["peers"]) == {"requested", "ran", "skipped", "not_covered"}
+    assert all(s["peer"].startswith("peer:") and s["reason"] for s in doc["peers"]["skipped"])
+    assert doc["device_time"]["measured"] == (doc["platform"] != "cpu")
+    assert set(doc["tuning"]) >= {"file", "device_entries"}
     assert isinstance(doc["device"], str) and doc["device"]
     assert doc["platform"] in ("gpu", "tpu", "cpu")
     assert doc["jax_version"] == jax.__version__
@@ -57,9 +62,11 @@ def _check_schema(doc: dict) -> None:
     assert doc["results"]
     for row in doc["results"]:
         assert set(ROW_KEYS) <= set(row), f"missing keys {set(ROW_KEYS) - set(row)}"
+        assert list(row)[5:7] == ["median_ms", "device_ms"], "device_ms sits beside median_ms"
         errored = "error" in row
+        peer = row["impl"].startswith("peer:")
         for key, kind in ROW_KEYS.items():
-            if errored and key in TIMING_KEYS:
+            if errored and key in TIMING_KEYS or peer and key == "peak_temp_bytes" and row[key] is None:
                 assert row[key] is None
             else:
                 assert _is_type(row[key], kind), f"{key}={row[key]!r} is not {kind.__name__}"
@@ -67,13 +74,23 @@ def _check_schema(doc: dict) -> None:
         assert all(_is_type(d, int) and d > 0 for d in row["shape"])
         assert row["dtype"] in cases_lib.DTYPES
         assert row["mode"] in ("fwd", "fwd+bwd")
-        assert row["impl"] in cases_lib.IMPLS
-        assert row["bytes"] > 0 and row["flops"] > 0 and row["peak_temp_bytes"] >= 0
+        assert row["impl"] in cases_lib.IMPLS or peer and row["impl"][5:]
+        assert row["bytes"] > 0 and row["flops"] > 0 and (row["peak_temp_bytes"] or 0) >= 0
         if errored:
             assert isinstance(row["error"], str) and row["error"]
+            continue
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["compile_s"] >= 0
+        if doc["platform"] == "cpu":
+            assert row["device_ms"] is None and row["device_note"] == "n/a (CPU)"
+        elif row["device_ms"] is not None:
+            assert 0 < row["device_p20_ms"] <= row["device_ms"] <= row["device_p80_ms"]
+            assert row["device_source"] in ("trace", "cuda_events")
         else:
-            assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-            assert row["compile_s"] >= 0
+            assert row["device_note"]
+        if "loop_ms" in row:
+            assert _is_type(row["loop_ms"], float) and row["loop_ms"] > 0 and row["loop_n"] >= 2
+            assert row["median_ms"] < measure.LAUNCH_BOUND_MS, "only launch-bound rows are looped"
 
 
 def test_quick_cli_results_json(quick_run):
@@ -338,8 +355,81 @@ def test_row_metrics_pick_the_binding_ceiling():
     assert m["bound"] == "memory" and m["pct_of_roofline"] == pytest.approx(50.0)
 
 
+def test_targets_first_times_the_judged_cases_first(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli.roofline, "measure", lambda platform, quick=False: Roofline(1.0, 1.0, 1.0))
+    monkeypatch.setattr(cli, "run_case", lambda case, *args, **kwargs: seen.append(case) or [])
+    argv = ["--ops", "xent,dense_tanh", "--shapes", "mnist", "--dtypes", "f32,bf16", "--peers", "none"]
+    cli.main([*argv, "--targets-first"])
+    judged = {(t.op, t.shape, t.dtype, t.mode) for t in report.targets()}
+    flags = [(c.op, c.shape, c.dtype, c.mode) in judged for c in seen]
+    assert flags == [True, True] + [False] * (len(seen) - 2), [c.label for c in seen]
+    assert [c.dtype for c in seen[:2]] == ["f32", "bf16"]
+    rest, seen[:] = seen[2:], []
+    cli.main(argv)
+    assert [c for c in seen if c not in rest] == [c for c in seen if (c.op, c.shape, c.dtype, c.mode) in judged]
+    assert [c for c in seen if c in rest] == rest, "the others keep their order"
+
+
 def test_device_check_script_parses():
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
     subprocess.run([bash, "-n", str(REPO / "bench" / "device_check.sh")], check=True)
+
+
+def _fake_wheel(directory: pathlib.Path, name: str, version: str) -> pathlib.Path:
+    """A minimal valid wheel (pure Python, one module), for the install phase's dry run."""
+    import zipfile
+
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "", f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_device_check_quick_runs_every_phase(tmp_path):
+    """The GPU window's script, start to end, in QUICK mode on this CPU: every phase runs and
+    succeeds, the summary says so, and the files the device tool returns are there."""
+    import importlib.metadata
+    import os
+    import sys
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "fusedvjp_fake_peer", "0.1")  # missing here: installed (dry run)
+    _fake_wheel(wheels, "numpy", importlib.metadata.version("numpy"))  # present: must not be reinstalled
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(wheels),
+           "TRAIN_IMPLS": "xla", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([bash, str(REPO / "bench" / "device_check.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
+    for phase in ("install-package", "install-peer-wheels", "tests", "sweep", "bench", "train-xla"):
+        assert f"   {phase}: ok (" in summary, (phase, summary)
+    assert "1 of 1 buckets timed on cpu" in summary
+    log = (out / "log.txt").read_text()
+    assert "Would install fusedvjp_fake_peer-0.1" in log, log[-2000:]
+    assert f"numpy {importlib.metadata.version('numpy')} already installed" in log
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {"log.txt", "summary.txt", "tuning.json", "sweep.json", "bench/results.json", "bench/results.md",
+                     "bench/roofline.png", "train/metrics.json"}, files
+    tuning = json.loads((out / "tuning.json").read_text())
+    (key, entry), = tuning["entries"]["cpu"].items()
+    assert key.startswith("dense/triton/float32/") and entry["evidence"]["candidates_timed"] == 2
+    doc = json.loads((out / "bench" / "results.json").read_text())
+    _check_schema(doc)
+    assert doc["tuning"] == {"file": str(out / "tuning.json"), "device_entries": 1}, "the bench must read the sweep's table"
+    assert {s["peer"] for s in doc["peers"]["skipped"]} >= {"peer:torch", "peer:tokamax", "peer:liger"}
+    assert "## Peers" in (out / "bench" / "results.md").read_text()
+    assert "xla" in json.loads((out / "train" / "metrics.json").read_text())
+    assert "speedup" in proc.stdout and "device ms" in proc.stdout, "the benchmark table comes last"

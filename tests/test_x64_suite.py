@@ -30,9 +30,10 @@ X64_PART = (
 
 
 @pytest.mark.skipif(jax.config.jax_enable_x64, reason="already the x64 run")
-def test_op_tests_pass_under_x64():
+@pytest.mark.parametrize("path", X64_PART)  # one subprocess per file, so pytest-xdist spreads them
+def test_op_tests_pass_under_x64(path):
     env = {**os.environ, "JAX_ENABLE_X64": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *X64_PART]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", path]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     tail = (run.stdout + run.stderr)[-8000:]
     assert run.returncode == 0, f"under JAX_ENABLE_X64=1: {' '.join(cmd)}\n{tail}"
