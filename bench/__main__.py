@@ -14,16 +14,15 @@ import argparse
 import dataclasses
 import datetime
 import json
-import pathlib
 import signal
 import sys
-import tempfile
 import threading
 
 import jax
 
 from fusedvjp.bench import cases as cases_lib
 from fusedvjp.bench import measure, peers as peers_lib, report, roofline, static
+from fusedvjp.model.train import prepare_out
 
 QUICK_ITERS = measure.QUICK_ITERS
 
@@ -268,13 +267,7 @@ def _check_before_timing(args: argparse.Namespace) -> None:
                            f"modes {','.join(sorted({c.mode for c in op_cases}))}")
         raise SystemExit(f"error: no benchmark case matches {selected} (what each op offers: {'; '.join(offered)})")
     if args.out:
-        out = pathlib.Path(args.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out):
-                pass
-        except OSError as e:
-            raise SystemExit(f"error: --out {out} is not a writable directory: {e.strerror or e}") from None
+        prepare_out(args.out)
 
 
 def main(argv=None) -> dict:

@@ -337,7 +337,5 @@ def build_sample(data_dir: str | pathlib.Path, out: str | pathlib.Path = SAMPLE_
 
 
 if __name__ == "__main__":  # python -m fusedvjp.model.data DATA_DIR  (rebuilds the shipped sample)
-    import sys
-
     build_sample(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
     print(f"wrote {SAMPLE_PATH} ({SAMPLE_PATH.stat().st_size / 1e6:.2f} MB)")
