@@ -163,12 +163,18 @@ def format_targets(doc: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+# What every impl computes, so a row's opponent is known to be fair (tests/test_fair_baseline.py).
+PRECISION = ("precision, the same on every impl: f32 rows are IEEE f32 matmuls (Precision.HIGHEST); bf16 rows "
+             "take bf16 operands with f32 accumulation in forward and backward (xla = what jnp.tanh(x @ w + b) "
+             "compiles to)")
+
+
 def header(doc: dict) -> str:
-    """Two lines: the device and the measured ceilings."""
+    """Three lines: the device, the measured ceilings, the precision every impl runs at."""
     r = doc["roofline"]
     return (f"{doc['device']} ({doc['platform']}), jax {doc['jax_version']}, {doc['date']}\n"
             f"measured ceilings: copy {r['hbm_gbps']:.1f} GB/s, bf16 matmul {r['bf16_tflops']:.3g} TFLOP/s, "
-            f"f32 matmul (HIGHEST) {r['f32_tflops']:.3g} TFLOP/s")
+            f"f32 matmul (HIGHEST) {r['f32_tflops']:.3g} TFLOP/s\n{PRECISION}")
 
 
 def summary(doc: dict) -> str:
