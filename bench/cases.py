@@ -269,6 +269,14 @@ def _fwd_bwd(op, diff_argnums, *args_and_cotangent):
     return out, vjp(g)
 
 
+
+def check_choices(*checks: tuple[str, Sequence[str], Sequence[str]]) -> None:
+    """Each ``(kind, given, known)``: every given name is known, else a ValueError naming them."""
+    for kind, given, known in checks:
+        bad = [g for g in given if g not in known]
+        if bad:
+            raise ValueError(f"unknown {kind} {bad}; expected some of {', '.join(known)}")
+
 def build_cases(
     ops: Iterable[str] | None = None,
     shape_sets: Iterable[str] = SHAPE_SETS,
@@ -294,11 +302,7 @@ def build_cases(
     """
     op_names = list(all_op_names()) if ops is None else [resolve_op(o) for o in ops]
     shape_sets, dtypes, modes = list(shape_sets), list(dtypes), list(modes)
-    for kind, given, known in (("shape set", shape_sets, SHAPE_SETS), ("dtype", dtypes, DTYPES),
-                               ("mode", modes, MODES)):
-        bad = [g for g in given if g not in known]
-        if bad:
-            raise ValueError(f"unknown {kind} {bad}; expected some of {', '.join(known)}")
+    check_choices(("shape set", shape_sets, SHAPE_SETS), ("dtype", dtypes, DTYPES), ("mode", modes, MODES))
     out, seen = [], set()
     # dtype outside op: with --dtypes bf16,f32 every bf16 row of a shape set comes first,
     # so a run stopped by a time limit loses f32 rows, not whole ops.

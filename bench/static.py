@@ -314,10 +314,7 @@ def build_cases(
     """
     op_names = list(cases_lib.all_op_names()) if ops is None else [cases_lib.resolve_op(o) for o in ops]
     shape_sets, dtypes = list(shape_sets), list(dtypes)
-    for kind, given, known in (("shape set", shape_sets, SHAPE_SETS), ("dtype", dtypes, DTYPES)):
-        bad = [g for g in given if g not in known]
-        if bad:
-            raise ValueError(f"unknown {kind} {bad}; expected some of {', '.join(known)}")
+    cases_lib.check_choices(("shape set", shape_sets, SHAPE_SETS), ("dtype", dtypes, DTYPES))
     out, seen = [], set()
     for shape_set in shape_sets:
         for dtype in dtypes:
