@@ -91,7 +91,7 @@ def _bwd_kernel_triton({refs_in}, *refs{kopts}):
 
 def _fwd_triton({arrays}, *, interpret, block_sizes{lopts}):
     # TODO(scaffold): pl.pallas_call(_fwd_kernel_triton, grid=..., in_specs=..., out_specs=...,
-    #   out_shape=[output, residuals...], compiler_params=_common.triton_params(num_warps, num_stages),
+    #   out_shape=[_common.out_struct(...) per output], compiler_params=_common.triton_params(num_warps, num_stages),
     #   interpret=interpret, name="fusedvjp_{name}_fwd"); return (out, residuals).
     raise NotImplementedError("TODO(scaffold): {name} forward launcher (Triton)")
 
@@ -157,6 +157,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import (
     check_float,
     check_static_float,
@@ -173,6 +174,18 @@ def {name}_reference({arrays}{rsig}):
     Equivalent to: TODO(scaffold).
     """
     raise NotImplementedError("TODO(scaffold): {name}_reference")
+
+
+# --- under sharding (ops/_sharding.py) ----------------------------------------------------
+# Name each array's dimensions by factor: rows "m" split freely (data parallel); a factor
+# the kernels reduce over goes in whole= (gathered when split) unless a local= function
+# combines per-device partials; sums= lists, per cotangent, the factors it is a sum over
+# (a parameter's cotangent sums over the rows, and is all-reduced when they are split).
+# None leaves the kernels unpartitioned: XLA gathers their operands on every device.
+# TODO(scaffold): e.g. Layout(("m d", "d", "d"), ("m d", "m", "m"), whole=("d",)) for the
+# forward, Layout((..., "m d"), ("m d", "d", "d"), sums=("", "m", "m"), whole=("d",)) for the backward.
+_FORWARD_LAYOUT: _sharding.Layout | None = None
+_BACKWARD_LAYOUT: _sharding.Layout | None = None
 
 
 # --- custom_vjp: primal and forward rule share _forward ------------------------------------
@@ -195,6 +208,7 @@ def _forward({arrays}, {opt_args}impl, return_residuals):
         functools.partial(_forward_jnp{kpass}),
         ({arrays},),
         "{name}",
+        _FORWARD_LAYOUT,
     )
     # TODO(scaffold): say why each residual is kept.
     return (out, ({arrays}, residuals)) if return_residuals else out
@@ -219,13 +233,16 @@ def _{name}_bwd({opt_args}impl, saved, g):
     from fusedvjp.kernels import {name} as kernels
 
     {arrays}, residuals = saved
-    return tuple(run_kernel(
+    cotangents = run_kernel(
         impl,
         functools.partial(kernels.{name}_bwd{kpass}),
         functools.partial(_backward_jnp{kpass}),
         ({arrays}, residuals, g),
         "{name}",
-    ))
+        _BACKWARD_LAYOUT,
+    )
+    # Inside shard_map a replicated input's cotangent is summed over the axes it varies on.
+    return tuple(_sharding.match_cotangent(ct, p) for ct, p in zip(cotangents, ({arrays},)))
 
 
 _{name}.defvjp(_{name}_fwd, _{name}_bwd)

@@ -50,6 +50,11 @@ BACKENDS: tuple[Backend, ...] = (
 BACKEND_NAMES = tuple(b.name for b in BACKENDS)
 # On CPU the kernels run interpreted; by default the GPU kernel is the one interpreted.
 DEFAULT_INTERPRET_BACKEND = "triton"
+# ...except on arrays that vary over shard_map's manual axes: JAX's generic interpreter
+# (which runs the Triton kernels on CPU) cannot type those (its grid loop carries
+# outputs created replicated), while the TPU interpreter simulates devices under
+# shard_map and does.
+MANUAL_INTERPRET_BACKEND = "mosaic_tpu"
 
 
 def check_backend(backend: str | None) -> None:
@@ -62,7 +67,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _LOWERING_PLATFORMS = {"cpu": ("cpu",), "gpu": ("cuda", "rocm"), "cuda": ("cuda",), "rocm": ("rocm",), "tpu": ("tpu",)}
 
 
-def _target_platforms() -> set[str]:
+def target_platforms() -> set[str]:
     """The platforms this trace will most likely be lowered for: the default backend's,
     and an abstract mesh's device (how the tests lower for an H100 or a TPU here)."""
     targets = set(_LOWERING_PLATFORMS.get(jax.default_backend(), ()))
@@ -106,21 +111,54 @@ def platform_dispatch(
 
     def candidates_for(platform: str) -> list[str]:
         if platform == "cpu":
-            names = [backend or DEFAULT_INTERPRET_BACKEND]
+            names = [backend or (MANUAL_INTERPRET_BACKEND if varying else DEFAULT_INTERPRET_BACKEND)]
         elif backend is not None:
             names = [backend]
         else:
             names = [b.name for b in BACKENDS if platform in b.platforms]
         return [n for n in names if n in impls]
 
-    specs = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in args]
+    mat = _manual_axis_type(args)
+    varying = mat is not None and bool(mat.varying)
+    token = _ARG_MANUAL_AXIS_TYPE.set(mat)
+    try:
+        return _dispatch(impls, args, candidates_for, op_name, backend)
+    finally:
+        _ARG_MANUAL_AXIS_TYPE.reset(token)
+
+
+# Inside shard_map (check_vma=True) a pallas_call's outputs must say which mesh axes they
+# vary over. A kernel's outputs vary over every axis any of its inputs varies over (a
+# block of rows of x gives that block of rows of y), so platform_dispatch records the
+# union of its arguments' and out_struct attaches it to each output.
+_ARG_MANUAL_AXIS_TYPE: contextvars.ContextVar = contextvars.ContextVar("fusedvjp_manual_axis_type", default=None)
+
+
+def _manual_axis_type(args):
+    mats = [getattr(jax.typeof(a), "manual_axis_type", None) for a in args if isinstance(a, jax.Array)]
+    mats = [m for m in mats if m is not None]
+    if not mats:
+        return None
+    varying = frozenset().union(*(m.varying for m in mats))
+    return mats[0].update(varying=varying)
+
+
+def out_struct(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    """A kernel output's ``out_shape``: ``jax.ShapeDtypeStruct(shape, dtype)``, varying
+    over the mesh axes the kernel's inputs vary over (see ``_ARG_MANUAL_AXIS_TYPE``)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=_ARG_MANUAL_AXIS_TYPE.get())
+
+
+def _dispatch(impls, args, candidates_for, op_name, backend):
     branches, refusals = {}, {}
     for platform in PLATFORMS:
         reasons = []
         for name in candidates_for(platform):
             fn = functools.partial(impls[name], interpret=platform == "cpu")
             try:
-                jax.eval_shape(fn, *specs)  # refusals are raised while tracing
+                # On the arguments themselves, not fresh ShapeDtypeStructs: inside shard_map
+                # their abstract values carry the mesh axes each one varies over.
+                jax.eval_shape(fn, *args)  # refusals are raised while tracing
             except NotImplementedError as e:
                 reasons.append(f"{name}: {e}")
                 continue
@@ -128,7 +166,7 @@ def platform_dispatch(
             break
         if platform not in branches and reasons:
             refusals[platform] = "; ".join(reasons)
-    blocking = {p: why for p, why in refusals.items() if p in _target_platforms()} or (
+    blocking = {p: why for p, why in refusals.items() if p in target_platforms()} or (
         refusals if not branches else {}
     )
     if blocking:

@@ -344,7 +344,7 @@ def _triton_fwd(x, w, *b, activation, block_sizes, interpret):
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        out_shape=_common.out_struct((m, n), x.dtype),
         grid=(pl.cdiv(m, bs.block_m), pl.cdiv(n, bs.block_n)),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
@@ -362,15 +362,15 @@ def _triton_bwd(x, w, g, *a, has_bias, block_sizes, interpret):
     has_act = bool(a)
     dx = pl.pallas_call(
         functools.partial(_triton_dx_kernel, has_act=has_act, **blocks),
-        out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
+        out_shape=_common.out_struct((m, k), x.dtype),
         grid=(pl.cdiv(m, bs.block_m), pl.cdiv(k, bs.block_k)),
         compiler_params=params,
         interpret=interpret,
         name="fusedvjp_dense_bwd_dx",
     )(g, *a, w)
-    out_shape = [jax.ShapeDtypeStruct((k, n), w.dtype)]
+    out_shape = [_common.out_struct((k, n), w.dtype)]
     if has_bias:
-        out_shape.append(jax.ShapeDtypeStruct((n,), w.dtype))
+        out_shape.append(_common.out_struct((n,), w.dtype))
     dw, *db = pl.pallas_call(
         functools.partial(_triton_dw_kernel, has_act=has_act, has_bias=has_bias, **blocks),
         out_shape=out_shape,
@@ -516,7 +516,7 @@ def _tpu_fwd(x, w, *b, activation, block_sizes, interpret):
         b = (b[0].reshape(1, n),)  # TPU blocks are at least 2-D
     return pl.pallas_call(
         functools.partial(_tpu_fwd_kernel, has_bias=bool(b), activation=activation, k_size=k),
-        out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+        out_shape=_common.out_struct((m, n), x.dtype),
         grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j)),
@@ -538,7 +538,7 @@ def _tpu_bwd(x, w, g, *a, has_bias, block_sizes, interpret):
     gz_spec = pl.BlockSpec((bm, bn), lambda i, kb, nb: (i, nb))
     dx = pl.pallas_call(
         functools.partial(_tpu_dx_kernel, has_act=has_act, n_size=n),
-        out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
+        out_shape=_common.out_struct((m, k), x.dtype),
         grid=(pl.cdiv(m, bm), pl.cdiv(k, bk), pl.cdiv(n, bn)),
         in_specs=[gz_spec] * (1 + has_act) + [pl.BlockSpec((bk, bn), lambda i, kb, nb: (kb, nb))],
         out_specs=pl.BlockSpec((bm, bk), lambda i, kb, nb: (i, kb)),
@@ -551,11 +551,11 @@ def _tpu_bwd(x, w, g, *a, has_bias, block_sizes, interpret):
     gz_spec = pl.BlockSpec((bm, bn), lambda j, kb, mb: (mb, j))
     # K is "arbitrary" with a bias: the db block stays resident across it (see the kernel).
     k_semantics = "arbitrary" if has_bias else "parallel"
-    out_shape = [jax.ShapeDtypeStruct((k, n), w.dtype)]
+    out_shape = [_common.out_struct((k, n), w.dtype)]
     out_specs = [pl.BlockSpec((bk, bn), lambda j, kb, mb: (kb, j))]
     scratch = [pltpu.VMEM((bk, bn), jnp.float32)]
     if has_bias:
-        out_shape.append(jax.ShapeDtypeStruct((1, n), w.dtype))
+        out_shape.append(_common.out_struct((1, n), w.dtype))
         out_specs.append(pl.BlockSpec((1, bn), lambda j, kb, mb: (0, j)))
         scratch.append(pltpu.VMEM((1, bn), jnp.float32))
     dw, *db = pl.pallas_call(

@@ -307,10 +307,10 @@ def _triton_fwd(x, scale, bias, *, eps, block_sizes, interpret):
     n, d = x.shape
     bs = block_sizes or LayerNormBlockSizes.default(n, d, x.dtype, "triton")
     kernel = functools.partial(_triton_fwd_kernel, eps=eps, block_rows=bs.block_rows, block_cols=bs.block_cols)
-    row_stat = jax.ShapeDtypeStruct((n,), jnp.float32)
+    row_stat = _common.out_struct((n,), jnp.float32)
     y, mean, rstd = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), row_stat, row_stat],
+        out_shape=[_common.out_struct((n, d), x.dtype), row_stat, row_stat],
         grid=(pl.cdiv(n, bs.block_rows),),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(x, backward=False),
@@ -324,10 +324,10 @@ def _triton_bwd(x, scale, mean, rstd, g, *, block_sizes, interpret):
     n, d = x.shape
     bs = block_sizes or LayerNormBlockSizes.default(n, d, x.dtype, "triton")
     kernel = functools.partial(_triton_bwd_kernel, block_rows=bs.block_rows, block_cols=bs.block_cols)
-    partial_sums = jax.ShapeDtypeStruct((pl.cdiv(n, bs.block_rows), d), jnp.float32)
+    partial_sums = _common.out_struct((pl.cdiv(n, bs.block_rows), d), jnp.float32)
     dx, dscale, dbias = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), partial_sums, partial_sums],
+        out_shape=[_common.out_struct((n, d), x.dtype), partial_sums, partial_sums],
         grid=(pl.cdiv(n, bs.block_rows),),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(x, backward=True),
@@ -398,10 +398,10 @@ def _tpu_fwd(x, scale, bias, *, eps, block_sizes, interpret):
     rows = pl.BlockSpec((br, d), lambda i: (i, 0))
     param = pl.BlockSpec((1, d), lambda i: (0, 0))
     row_stat = pl.BlockSpec((br, 1), lambda i: (i, 0))
-    stat_shape = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    stat_shape = _common.out_struct((n, 1), jnp.float32)
     y, mean, rstd = pl.pallas_call(
         functools.partial(_tpu_fwd_kernel, eps=eps),
-        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), stat_shape, stat_shape],
+        out_shape=[_common.out_struct((n, d), x.dtype), stat_shape, stat_shape],
         grid=(pl.cdiv(n, br),),
         in_specs=[rows, param, param],
         out_specs=[rows, row_stat, row_stat],
@@ -421,10 +421,10 @@ def _tpu_bwd(x, scale, mean, rstd, g, *, block_sizes, interpret):
     row_stat = pl.BlockSpec((br, 1), lambda i: (i, 0))
     # Partials as [num_row_blocks, 1, D] so the block's last two dims (1, D) are whole dims.
     partial_spec = pl.BlockSpec((None, 1, d), lambda i: (i, 0, 0))
-    partial_sums = jax.ShapeDtypeStruct((num_row_blocks, 1, d), jnp.float32)
+    partial_sums = _common.out_struct((num_row_blocks, 1, d), jnp.float32)
     dx, dscale, dbias = pl.pallas_call(
         functools.partial(_tpu_bwd_kernel, n=n),
-        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), partial_sums, partial_sums],
+        out_shape=[_common.out_struct((n, d), x.dtype), partial_sums, partial_sums],
         grid=(num_row_blocks,),
         in_specs=[rows, pl.BlockSpec((1, d), lambda i: (0, 0)), row_stat, row_stat, rows],
         out_specs=[rows, partial_spec, partial_spec],

@@ -34,6 +34,16 @@ Semantics (``a`` = label_smoothing, ``s`` = z_loss, ``y`` = integer label):
     (0 where the target is 0); the loss stays finite unless the target puts mass on a
     ``-inf`` logit (then it is ``+inf``, as it should be: e.g. ``a > 0``).
   * a row whose logits are all ``-inf``: ``lse = -inf``, loss NaN, gradient row NaN.
+
+Vocabulary sharding (``vocab_shard=True`` forward, ``num_classes`` / ``check_labels`` in
+the backward): device ``k`` holds columns ``[off_k, off_k + V_k)`` and labels ``y - off_k``.
+Its forward returns row statistics that add up over devices:
+``lse = M + log sum_k exp(row_max_k + log_sum_k - M)`` with ``M = max_k row_max_k``,
+``x[y] = sum_k label_logit_k`` (0 on every device but the label's), ``sum_j x_j = sum_k
+logit_sum_k``; for probability labels ``sum(t) = sum_k label_sum_k`` and ``sum(t x) =
+sum_k label_dot_k``. The backward on each device is the unsharded one given the global
+``(M, log S)`` (and global ``sum(t)``), with ``a / V`` over the global ``V``; the
+combining code, which sees the global label, makes invalid rows NaN through ``g``.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +159,11 @@ def _online_lse_step(m, s, x):
     """Returns (m', s', r, r'): new running max and sum, old and new shift."""
     m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
     r, r_new = _shift(m), _shift(m_new)
-    s_new = s * jnp.exp(r - r_new) + jnp.sum(jnp.exp(x - r_new), axis=1, keepdims=True)
+    # While m is -inf nothing has been summed (s = 0) and the old shift is the placeholder
+    # 0, so exp(r - r') = exp(-r') overflows for a row whose logits all lie below -88:
+    # 0 * inf would make it NaN. Nothing is carried then; a NaN m still propagates.
+    carried = jnp.where(m == -jnp.inf, 0.0, s * jnp.exp(r - r_new))
+    s_new = carried + jnp.sum(jnp.exp(x - r_new), axis=1, keepdims=True)
     return m_new, s_new, r, r_new
 
 
@@ -193,9 +208,10 @@ def _prob_label_step(state, x, t, valid):
     return m, s, label_sum, dev_dot
 
 
-def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
+def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels, vocab_shard):
     """Returns (loss, row_max, log_sum) [block_n, 1] from the final state, and for
     probability labels also label_sum = sum_j t_j (the backward's p * sum(t) needs it).
+    With vocab_shard: (row_max, log_sum, x[y] or sum(t), sum(x) or sum(t x)) instead.
 
     lse - (1-a) x[y] - (a/V) sum_j x_j = log(s) + (1-a) (r - x[y]) + (a/V) sum_j (r - x_j),
     and for probability labels lse sum(t) - sum(t x) = sum(t) log(s) + sum_j t_j (r - x_j):
@@ -204,6 +220,15 @@ def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
     m, s, acc0, acc1 = state
     r = _shift(m)
     log_s = jnp.log(s)
+    if vocab_shard:
+        # The sums un-based from the shift: sum_j x_j = V r - sum_j (r - x_j) and
+        # sum_j t_j x_j = sum(t) r - sum_j t_j (r - x_j). Without smoothing acc1 was never
+        # accumulated and sum(x) is not needed: 0.
+        if prob_labels:
+            stats = (acc0, acc0 * r - acc1)
+        else:
+            stats = (acc0, v * r - acc1 if label_smoothing else jnp.zeros_like(r))
+        return (r, log_s, *(jnp.where(row_on, a, 0.0) for a in stats))
     lse = r + log_s
     if prob_labels:
         loss = acc0 * log_s + acc1
@@ -221,24 +246,39 @@ def _finish(state, label, row_on, *, v, label_smoothing, z_loss, prob_labels):
 
 
 def _grad_tile(
-    x, cols, row_max, log_sum, g, row_on, label_or_t, label_sum, *, v, label_smoothing, z_loss, prob_labels
+    x,
+    cols,
+    row_max,
+    log_sum,
+    g,
+    row_on,
+    label_or_t,
+    label_sum,
+    *,
+    v,
+    num_classes,
+    check_labels,
+    label_smoothing,
+    z_loss,
+    prob_labels,
 ):
     """dlogits tile in f32 (cast once by the caller).
 
     d loss / dx_j = sum(t) p_j - t_j, p = exp((x - m) - log_s); the z-loss s lse^2 adds
     2 s lse p_j (lse = m + log_s; its f32 rounding is 2**-24 relative there, harmless).
-    Integer labels: sum(t) = 1 and t_j = (1-a) [j == y] + a/V, built from the column
-    index, so d = p (1 + 2 s lse) - t.
+    Integer labels: sum(t) = 1 and t_j = (1-a) [j == y] + a/num_classes, built from the
+    column index, so d = p (1 + 2 s lse) - t; a label outside [0, v) matches no column.
     """
     p = jnp.exp((x - row_max) - log_sum)
     if prob_labels:
         d = p * label_sum - label_or_t
     else:
         label = label_or_t
-        off = label_smoothing / v
+        off = label_smoothing / num_classes
         target = jnp.where(cols == label, (1.0 - label_smoothing) + off, off)
         d = (p * (1.0 + 2.0 * z_loss * (row_max + log_sum)) if z_loss else p) - target
-        d = jnp.where((label >= 0) & (label < v), d, jnp.nan)
+        if check_labels:
+            d = jnp.where((label >= 0) & (label < v), d, jnp.nan)
     return jnp.where(row_on, g * d, 0.0)
 
 
@@ -267,10 +307,11 @@ def _fwd_kernel_triton(
     label_smoothing,
     z_loss,
     prob_labels,
+    vocab_shard,
 ):
     """Rows [block_n] per program over grid (cdiv(N, block_n),); in-kernel loop over
     cdiv(V, block_v) vocab blocks of logits_ref [block_n, V] (and labels_ref [block_n, V]
-    for probability labels); out_refs: loss, row_max, log_sum (, label_sum) [block_n]."""
+    for probability labels); out_refs: _finish's outputs, [block_n] each."""
     rows = pl.program_id(0) * block_n + jnp.arange(block_n)
     row_ok = rows < n  # [block_n]
     row_on = (plgpu.load(where_ref, mask=row_ok, other=0) != 0)[:, None]
@@ -289,7 +330,16 @@ def _fwd_kernel_triton(
         return _int_label_step(state, x, valid, cols, label, num_prev, label_smoothing=label_smoothing)
 
     state = lax.fori_loop(0, pl.cdiv(v, block_v), body, _init_state((block_n, 1)))
-    outs = _finish(state, label, row_on, v=v, label_smoothing=label_smoothing, z_loss=z_loss, prob_labels=prob_labels)
+    outs = _finish(
+        state,
+        label,
+        row_on,
+        v=v,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        prob_labels=prob_labels,
+        vocab_shard=vocab_shard,
+    )
     for ref, value in zip(out_refs, outs, strict=True):
         plgpu.store(ref, value.reshape(block_n), mask=row_ok)
 
@@ -306,6 +356,8 @@ def _bwd_kernel_triton(
     v,
     block_n,
     block_v,
+    num_classes,
+    check_labels,
     label_smoothing,
     z_loss,
     prob_labels,
@@ -337,6 +389,8 @@ def _bwd_kernel_triton(
         label_or_t,
         label_sum,
         v=v,
+        num_classes=num_classes,
+        check_labels=check_labels,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
@@ -344,7 +398,7 @@ def _bwd_kernel_triton(
     plgpu.store(dlogits_ref, d.astype(dlogits_ref.dtype), mask=valid)
 
 
-def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothing, z_loss):
+def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothing, z_loss, vocab_shard):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "triton")
     prob_labels = labels.ndim == 2
@@ -359,10 +413,11 @@ def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothin
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
+        vocab_shard=vocab_shard,
     )
-    out = jax.ShapeDtypeStruct((n,), jnp.float32)
-    num_out = 4 if prob_labels else 3
-    loss, *residual = pl.pallas_call(
+    out = _common.out_struct((n,), jnp.float32)
+    num_out = 4 if prob_labels or vocab_shard else 3
+    outs = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n),),
         in_specs=[full_rows, full_rows if prob_labels else row_spec, row_spec],
@@ -373,11 +428,23 @@ def _fwd_triton(logits, labels, where, *, interpret, block_sizes, label_smoothin
         interpret=interpret,
         name="fusedvjp_xent_fwd",
     )(logits, labels, where)
-    return loss, tuple(residual)
+    return tuple(outs) if vocab_shard else (outs[0], tuple(outs[1:]))
 
 
 def _bwd_triton(
-    logits, labels, where, row_max, log_sum, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss
+    logits,
+    labels,
+    where,
+    row_max,
+    log_sum,
+    g,
+    *label_sum,
+    interpret,
+    block_sizes,
+    num_classes,
+    check_labels,
+    label_smoothing,
+    z_loss,
 ):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "triton")
@@ -390,6 +457,8 @@ def _bwd_triton(
         v=v,
         block_n=bs.block_n,
         block_v=bs.block_v,
+        num_classes=num_classes,
+        check_labels=check_labels,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
@@ -399,7 +468,7 @@ def _bwd_triton(
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
         in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (4 + len(label_sum)),
         out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
+        out_shape=_common.out_struct((n, v), logits.dtype),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         cost_estimate=_cost(logits, labels, backward=True),
         interpret=interpret,
@@ -427,9 +496,10 @@ def _fwd_kernel_tpu(
     label_smoothing,
     z_loss,
     prob_labels,
+    vocab_shard,
 ):
     """Tile logits_ref [block_n, block_v] at grid (row block i, vocab block j); per-row
-    refs [block_n, 1]: outputs loss, row_max, log_sum (, label_sum), then the scratch
+    refs [block_n, 1]: _finish's outputs, then the scratch
     [block_n, 1] f32 that carries (max, sum, acc0, acc1) over j."""
     j = pl.program_id(1)
     *out_refs, m_ref, s_ref, acc0_ref, acc1_ref = refs
@@ -464,6 +534,7 @@ def _fwd_kernel_tpu(
             label_smoothing=label_smoothing,
             z_loss=z_loss,
             prob_labels=prob_labels,
+            vocab_shard=vocab_shard,
         )
         for ref, value in zip(out_refs, outs, strict=True):
             ref[...] = value
@@ -480,6 +551,8 @@ def _bwd_kernel_tpu(
     v,
     block_n,
     block_v,
+    num_classes,
+    check_labels,
     label_smoothing,
     z_loss,
     prob_labels,
@@ -502,6 +575,8 @@ def _bwd_kernel_tpu(
         label_or_t,
         label_sum,
         v=v,
+        num_classes=num_classes,
+        check_labels=check_labels,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
@@ -513,7 +588,7 @@ def _column(a):
     return a.reshape(a.shape[0], 1)
 
 
-def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, z_loss):
+def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, z_loss, vocab_shard):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "mosaic_tpu")
     prob_labels = labels.ndim == 2
@@ -527,10 +602,11 @@ def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, 
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
+        vocab_shard=vocab_shard,
     )
-    out = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-    num_out = 4 if prob_labels else 3
-    loss, *residual = pl.pallas_call(
+    out = _common.out_struct((n, 1), jnp.float32)
+    num_out = 4 if prob_labels or vocab_shard else 3
+    outs = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
         in_specs=[tile, tile if prob_labels else row_spec, row_spec],
@@ -542,11 +618,24 @@ def _fwd_tpu(logits, labels, where, *, interpret, block_sizes, label_smoothing, 
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_xent_fwd",
     )(logits, labels if prob_labels else _column(labels), _column(where))
-    return loss.reshape(n), tuple(r.reshape(n) for r in residual)
+    outs = [a.reshape(n) for a in outs]
+    return tuple(outs) if vocab_shard else (outs[0], tuple(outs[1:]))
 
 
 def _bwd_tpu(
-    logits, labels, where, row_max, log_sum, g, *label_sum, interpret, block_sizes, label_smoothing, z_loss
+    logits,
+    labels,
+    where,
+    row_max,
+    log_sum,
+    g,
+    *label_sum,
+    interpret,
+    block_sizes,
+    num_classes,
+    check_labels,
+    label_smoothing,
+    z_loss,
 ):
     n, v = logits.shape
     bs = block_sizes or CrossEntropyBlockSizes.default(n, v, logits.dtype, "mosaic_tpu")
@@ -558,6 +647,8 @@ def _bwd_tpu(
         v=v,
         block_n=bs.block_n,
         block_v=bs.block_v,
+        num_classes=num_classes,
+        check_labels=check_labels,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         prob_labels=prob_labels,
@@ -567,7 +658,7 @@ def _bwd_tpu(
         grid=(pl.cdiv(n, bs.block_n), pl.cdiv(v, bs.block_v)),
         in_specs=[tile, tile if prob_labels else row_spec] + [row_spec] * (4 + len(label_sum)),
         out_specs=tile,
-        out_shape=jax.ShapeDtypeStruct((n, v), logits.dtype),
+        out_shape=_common.out_struct((n, v), logits.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         cost_estimate=_cost(logits, labels, backward=True),
         interpret=_common.tpu_interpret(interpret),
@@ -618,6 +709,21 @@ def _check_args(logits, labels, where, label_smoothing, z_loss) -> bool:
     )
 
 
+def _check_flag(name: str, value) -> None:
+    # Static options pick kernel variants at trace time: a traced or array value is an error.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r:.80} must be a Python bool")
+
+
+def _num_classes(num_classes, v: int) -> int:
+    """``num_classes`` validated (an int >= the local V), or the local V if None."""
+    if num_classes is None:
+        return v
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < v:
+        raise ValueError(f"num_classes={num_classes!r:.80} must be an int >= the local V={v}")
+    return int(num_classes)
+
+
 def _kernel_labels(labels: jax.Array, prob_labels: bool) -> jax.Array:
     """Labels as the kernels read them: int32 class indices, or probabilities of >= 2 bytes.
 
@@ -638,9 +744,10 @@ def softmax_cross_entropy_fwd(
     *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    vocab_shard: bool = False,
     backend: str | None = None,
     block_sizes: CrossEntropyBlockSizes | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+) -> tuple[jax.Array, tuple[jax.Array, ...]] | tuple[jax.Array, ...]:
     """Per-row softmax cross-entropy and its logsumexp residual, in one pass over the logits.
 
     Equivalent to (integer labels; probability labels use ``t = labels`` directly)::
@@ -653,14 +760,29 @@ def softmax_cross_entropy_fwd(
       loss = lse * t.sum(-1) - (t * logits).sum(-1) + z_loss * lse**2
       loss = jnp.where(where, loss, 0.0)
 
+    and with ``vocab_shard`` (``V`` is the local ``V_local``; for probability labels the
+    last two are ``t.sum(-1)`` and ``(t * x).sum(-1)`` with 0 where ``t == 0``)::
+
+      label_logit = jnp.sum(jnp.where(jnp.arange(V) == labels[:, None], x, 0.0), axis=-1)
+      logit_sum = x.sum(-1) if label_smoothing > 0 else jnp.zeros(N)
+      stats = (row_max, log_sum, jnp.where(where, label_logit, 0.0), jnp.where(where, logit_sum, 0.0))
+
     Args:
       logits: [N, V] float32 or bfloat16.
       labels: integer [N] class indices, or floating [N, V] target probabilities (then
         ``label_smoothing`` and ``z_loss`` must be 0). An index outside [0, V) gives a NaN
-        loss.
+        loss (without ``vocab_shard``).
       where: bool [N]; rows that are False get loss 0.
-      label_smoothing: ``a`` in [0, 1] (integer labels).
-      z_loss: weight of ``lse**2`` (integer labels).
+      label_smoothing: ``a`` in [0, 1] (integer labels). With ``vocab_shard`` only
+        ``a > 0`` versus ``a == 0`` matters: it says whether ``logit_sum`` is computed.
+      z_loss: weight of ``lse**2`` (integer labels). With ``vocab_shard`` it is validated
+        and has no effect: no local statistic depends on it.
+      vocab_shard: ``logits`` is one device's slice ``[N, V_local]`` of a vocabulary split
+        over devices, and integer labels are local (``y - offset``; a label outside
+        ``[0, V_local)`` lies on another device and is not an error). Returns the local
+        row statistics below instead of the loss; the caller combines them over devices
+        (see the module docstring) and applies ``label_smoothing`` and ``z_loss`` there,
+        with the global ``V``. Static.
       backend: ``"triton"``, ``"mosaic_tpu"`` or None (per platform; see
         ``_common.platform_dispatch``).
       block_sizes: None for the per-backend default, or a tile that must suit ``backend``
@@ -680,19 +802,45 @@ def softmax_cross_entropy_fwd(
       [N, 2]: each is a plain per-row block in both backends ([N] for Triton, [N, 1]
       for TPU), so neither kernel interleaves or slices columns.
 
+      With ``vocab_shard``: a flat tuple of four [N] float32 arrays over the local
+      columns, from the same single pass. Integer labels: ``(row_max, log_sum,
+      label_logit, logit_sum)`` with ``label_logit = x[y]`` if ``0 <= y < V_local`` else
+      0, and ``logit_sum = sum_j x_j`` if ``label_smoothing > 0`` else 0 (then not
+      accumulated: the loss does not need it, and a 0 keeps ``0 * logit_sum`` from being
+      NaN at ``-inf`` logits). Probability labels: ``(row_max, log_sum, label_sum,
+      label_dot)`` with ``label_sum = sum_j t_j`` and ``label_dot = sum_j t_j x_j`` (a
+      term with ``t_j == 0`` is 0, even at ``x_j = -inf``). ``(row_max, log_sum)`` are
+      this slice's residual exactly as without ``vocab_shard``, on every row, ``where``
+      or not (``(0, -inf)`` on a row whose slice is all ``-inf``: it adds ``exp(-inf) =
+      0`` to the combined sum); the last two are 0 on rows with ``where`` False.
+      ``logit_sum`` and ``label_dot`` are un-based from the shift-relative accumulators
+      (``V_local * row_max - sum_j (row_max - x_j)``), so they carry the f32 rounding of
+      numbers of size ``V_local |x|``. The combining code should form ``lse - x[y]`` as
+      ``(M - label_logit) + log S``, which does not cancel at ``|x| ~ 1e4``.
+
     Raises:
       ValueError: bad shapes, options or block sizes.
       NotImplementedError: a logits dtype the kernels do not take.
     """
     prob_labels = _check_args(logits, labels, where, label_smoothing, z_loss)
+    _check_flag("vocab_shard", vocab_shard)
     n, v = logits.shape
     _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
-    options = dict(block_sizes=block_sizes, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    options = dict(
+        block_sizes=block_sizes,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        vocab_shard=vocab_shard,
+    )
     impls = {
         "triton": functools.partial(_fwd_triton, **options),
         "mosaic_tpu": functools.partial(_fwd_tpu, **options),
     }
     labels = _kernel_labels(labels, prob_labels)
+    if vocab_shard and not prob_labels:
+        # A label of another shard, y >= V_local, would match a column of the tail block
+        # past the array (x = -inf there) and make label_logit -inf; -1 matches none.
+        labels = jnp.where(labels < v, labels, -1)
     return _common.platform_dispatch(
         impls, logits, labels, where.astype(jnp.int32), backend=backend, op_name=_OP_NAME
     )
@@ -707,35 +855,52 @@ def softmax_cross_entropy_bwd(
     *,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    num_classes: int | None = None,
+    check_labels: bool = True,
     backend: str | None = None,
     block_sizes: CrossEntropyBlockSizes | None = None,
 ) -> jax.Array:
     """Gradient of :func:`softmax_cross_entropy_fwd`'s loss with respect to the logits.
 
-    Equivalent to (``t`` as in the forward)::
+    Equivalent to (``t`` as in the forward, over the local columns: for integer labels
+    ``(1 - a) * one_hot(labels, V_local) + a / num_classes``)::
 
       row_max, log_sum = residual[:2]
+      sum_t = residual[2] if probability labels else 1.0  # sum(t) over the whole vocabulary
       p = jnp.exp((logits.astype(f32) - row_max[:, None]) - log_sum[:, None])
-      d = p * (t.sum(-1) + 2 * z_loss * (row_max + log_sum))[:, None] - t
+      d = p * (sum_t + 2 * z_loss * (row_max + log_sum))[:, None] - t
+      d = jnp.where(check_labels & ~((labels >= 0) & (labels < V_local))[:, None], jnp.nan, d)
       dlogits = jnp.where(where[:, None], g[:, None] * d, 0.0).astype(logits.dtype)
 
     Args:
       logits, labels, where, label_smoothing, z_loss, backend, block_sizes: as passed
         to the forward.
       residual: the forward's residual: ``(row_max, log_sum)`` (``, label_sum`` for
-        probability labels), [N] float32 each.
+        probability labels), [N] float32 each. Under vocabulary sharding, the global
+        ones combined over devices: ``(M, log S)`` (``, sum_k label_sum_k``).
       g: [N] float32, the cotangent of the loss.
+      num_classes: the ``V`` of the smoothing term ``a / V``; None for ``logits.shape[1]``.
+        Under vocabulary sharding, the global V (>= the local V, else ValueError). No
+        effect for probability labels (no smoothing). Static.
+      check_labels: True: an integer label outside ``[0, V_local)`` makes its row NaN.
+        False: such a label matches no column and the row is ``g * (p (1 + 2 z lse) -
+        a / num_classes)`` -- under sharding the label lies on another device, and the
+        combining code makes globally invalid rows NaN itself (with ``g = NaN``). No
+        effect for probability labels. Static.
 
     Returns:
       dlogits [N, V] in ``logits.dtype``. Rows with ``where`` False are 0; rows whose
-      integer label is outside [0, V), or whose logits are all -inf, are NaN.
+      integer label is outside [0, V) (with ``check_labels``), or whose logits are all
+      -inf, are NaN.
 
     Raises:
       ValueError: bad shapes, options or block sizes.
       NotImplementedError: a logits dtype the kernels do not take.
     """
     prob_labels = _check_args(logits, labels, where, label_smoothing, z_loss)
+    _check_flag("check_labels", check_labels)
     n, v = logits.shape
+    num_classes = _num_classes(num_classes, v)
     names = ("row_max", "log_sum", "label_sum") if prob_labels else ("row_max", "log_sum")
     if not (isinstance(residual, (tuple, list)) and len(residual) == len(names)):
         raise ValueError(f"residual must be the forward's ({', '.join(names)}), got {residual!r:.80}")
@@ -744,7 +909,13 @@ def softmax_cross_entropy_bwd(
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
     _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
     labels = _kernel_labels(labels, prob_labels)
-    options = dict(block_sizes=block_sizes, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    options = dict(
+        block_sizes=block_sizes,
+        num_classes=num_classes,
+        check_labels=check_labels,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+    )
     impls = {
         "triton": functools.partial(_bwd_triton, **options),
         "mosaic_tpu": functools.partial(_bwd_tpu, **options),

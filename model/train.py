@@ -2,11 +2,16 @@
 
 Prints one line per epoch as the seed does (``Epoch 1/10 | Loss: 0.5898 | Test Accuracy:
 0.9009``) and writes ``metrics.json``, ``curves.png`` and ``predictions.png`` to ``--out``.
+
+``--data-parallel`` splits every batch over all devices (``model/distributed.py``); with
+``--coordinator``, ``--num-processes`` and ``--process-id`` the devices are those of
+several processes (``jax.distributed``), each running this same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -20,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fusedvjp.model import data as data_lib
+from fusedvjp.model import distributed
 from fusedvjp.model import mlp
 from fusedvjp.ops import IMPLS
 
@@ -39,6 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/mnist", help="where metrics.json, curves.png, predictions.png go")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="split each batch over every device (1-D mesh 'data', parameters replicated); "
+                        "--batch-size must be a multiple of the device count")
+    multi = p.add_argument_group("multi-process (jax.distributed; implies --data-parallel; run the same "
+                                 "command once per process)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for the coordination service")
+    multi.add_argument("--num-processes", type=int, metavar="N")
+    multi.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "hidden"):
         if getattr(args, name) < 1:
@@ -47,6 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.max_steps is not None and args.max_steps < 1:
         p.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    multi_flags = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi_flags):
+        if any(v is None for v in multi_flags):
+            p.error("--coordinator, --num-processes and --process-id go together")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            p.error(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+        args.data_parallel = True
     return args
 
 
@@ -67,19 +88,51 @@ def prepare_out(out: str | pathlib.Path) -> pathlib.Path:
     return out
 
 
-def accuracy(params, images, labels, impl, batch=2000) -> float:
+def accuracy(params, images, labels, impl, batch=2000, mesh=None) -> float:
+    """Test accuracy in chunks of ``batch`` rows; with a ``mesh``, each chunk split over it."""
+    if mesh is not None:
+        batch = max(mesh.size, batch - batch % mesh.size)  # chunks the devices divide; only the tail may not
     correct = 0
     for i in range(0, len(images), batch):
-        pred = mlp.predict(params, jnp.asarray(images[i:i + batch]), impl)
-        correct += int(jnp.sum(pred == jnp.asarray(labels[i:i + batch])))
+        if mesh is None:
+            x, y = jnp.asarray(images[i:i + batch]), jnp.asarray(labels[i:i + batch])
+        else:
+            x, y = distributed.shard_batch(mesh, images[i:i + batch], labels[i:i + batch])
+        correct += int(jnp.sum(mlp.predict(params, x, impl) == y))
     return correct / len(images)
 
 
+def parallel_mesh(args: argparse.Namespace):
+    """The data-parallel mesh over every device, or ``None`` without ``--data-parallel``.
+
+    Raises:
+      ValueError: ``--batch-size`` is not a multiple of the device count.
+    """
+    if not args.data_parallel:
+        return None
+    distributed.check_batch_size(args.batch_size, jax.device_count())
+    return distributed.data_mesh()
+
+
 def train(args: argparse.Namespace, dataset: data_lib.Dataset, log=print) -> dict:
-    """Runs the training loop; returns the metrics dict (also the final params under "params")."""
+    """Runs the training loop; returns the metrics dict (also the final params under "params").
+
+    With ``args.data_parallel`` every batch is split over all devices and the params are
+    replicated; the returned params are then host (numpy) arrays.
+    """
+    mesh = parallel_mesh(args)
+    # The mesh is set while the steps trace: that is what lets the Pallas kernels be
+    # partitioned over its Auto axis (docs/sharding.md).
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return _train(args, dataset, mesh, log)
+
+
+def _train(args, dataset, mesh, log) -> dict:
     key = jax.random.key(args.seed)
     init_key, shuffle_key = jax.random.split(key)
     params = mlp.init_params(init_key, (dataset.train_images.shape[1], args.hidden, 10))
+    if mesh is not None:
+        params = distributed.replicate(mesh, params)
     n = len(dataset.train_images)
     steps = -(-n // args.batch_size)  # the last partial batch is kept, as in the seed
     history = []
@@ -92,13 +145,16 @@ def train(args: argparse.Namespace, dataset: data_lib.Dataset, log=print) -> dic
             if args.max_steps is not None and step >= args.max_steps:
                 break
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
-            params, loss = mlp.sgd_step(params, jnp.asarray(dataset.train_images[idx]),
-                                        jnp.asarray(dataset.train_labels[idx]), args.lr, args.impl)
+            if mesh is None:
+                x, y = jnp.asarray(dataset.train_images[idx]), jnp.asarray(dataset.train_labels[idx])
+            else:
+                x, y = distributed.shard_batch(mesh, dataset.train_images[idx], dataset.train_labels[idx])
+            params, loss = mlp.sgd_step(params, x, y, args.lr, args.impl)
             losses.append(loss)
         jax.block_until_ready(params)
         seconds = time.perf_counter() - start
         train_loss = float(np.mean(jax.device_get(losses)))
-        acc = accuracy(params, dataset.test_images, dataset.test_labels, args.impl)
+        acc = accuracy(params, dataset.test_images, dataset.test_labels, args.impl, mesh=mesh)
         history.append({"epoch": epoch, "loss": train_loss, "test_accuracy": acc, "seconds": seconds,
                         "step_losses": [float(v) for v in jax.device_get(losses)]})
         log(f"Epoch {epoch}/{args.epochs} | Loss: {train_loss:.4f} | Test Accuracy: {acc:.4f}")
@@ -106,10 +162,12 @@ def train(args: argparse.Namespace, dataset: data_lib.Dataset, log=print) -> dic
         "dataset": dataset.name,
         "impl": args.impl,
         "device": str(jax.devices()[0].device_kind),
+        "devices": 1 if mesh is None else mesh.size,
+        "processes": jax.process_count(),
         "jax_version": jax.__version__,
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
         "epochs": history,
-        "params": params,
+        "params": params if mesh is None else jax.device_get(params),  # replicated: any process can read it
     }
 
 
@@ -158,19 +216,36 @@ def plot_predictions(params, dataset: data_lib.Dataset, impl: str, path: pathlib
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.coordinator is not None:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    # In a multi-process run every process trains; process 0 reports and writes the files.
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *_: None)
+    args.no_progress = args.no_progress or not lead
     out = prepare_out(args.out)
     try:
-        dataset = data_lib.load(args.dataset, args.data_dir, progress=not args.no_progress)
+        parallel_mesh(args)  # a bad --batch-size fails here, before the data is loaded
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        dataset = data_lib.load(args.dataset, args.data_dir, log=say, progress=not args.no_progress)
     except data_lib.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"dataset: {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test; "
-          f"impl={args.impl}; device={jax.devices()[0].device_kind}")
-    metrics = train(args, dataset)
+    say(f"dataset: {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test; "
+        f"impl={args.impl}; device={jax.devices()[0].device_kind}")
+    if args.data_parallel:
+        n = jax.device_count()
+        say(f"data parallel: {n} devices ({jax.local_device_count()} local, {jax.process_count()} process(es)); "
+            f"each batch of {args.batch_size} split {args.batch_size // n} rows per device")
+    else:
+        say(f"devices: 1 of {jax.device_count()} used (--data-parallel splits each batch over all)")
+    metrics = train(args, dataset, log=say)
     params = metrics.pop("params")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_curves(metrics["epochs"], out / "curves.png")
-    plot_predictions(params, dataset, args.impl, out / "predictions.png")
-    print(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'predictions.png'}")
+    if lead:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot_curves(metrics["epochs"], out / "curves.png")
+        plot_predictions(params, dataset, args.impl, out / "predictions.png")
+        say(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'predictions.png'}")
     return metrics
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fusedvjp.ops import _sharding
+
 IMPLS = ("auto", "xla", "jnp", "pallas")
 # "xla": the plain-jnp reference, differentiated by JAX's autodiff (the baseline).
 # "jnp": jnp forward + the hand-written custom_vjp backward.
@@ -42,7 +44,7 @@ def uses_kernels(impl: str) -> bool:
 
 
 def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., Any], args: Sequence[Any],
-               op_name: str) -> Any:
+               op_name: str, layout: _sharding.Layout | None = None) -> Any:
     """``kernel(*args)`` when ``impl`` uses the kernels, else ``jnp_path(*args)``.
 
     Both compute the same function of ``args`` (arrays or None; options are bound in).
@@ -50,6 +52,11 @@ def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., An
     with an :class:`UnsupportedCaseWarning`; ``impl="pallas"`` gets the error. Empty
     arrays run the jnp path on every impl: there is nothing for a kernel to stream, and
     a zero-sized grid is not a case worth a kernel's special-casing.
+
+    ``layout`` says how the call is partitioned when its arrays are sharded
+    (:mod:`fusedvjp.ops._sharding`): the kernel always, and the jnp path under explicit
+    mesh axes, where jnp's own sharding rules cannot type a contraction over a split
+    batch.
 
     The kernel is wrapped in a ``jax.custom_jvp`` whose rule is the jnp path's JVP. The
     first derivative never uses it (the ops' hand-written ``custom_vjp`` rules call the
@@ -59,14 +66,14 @@ def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., An
     through the jnp computation of the same function.
     """
     if not uses_kernels(impl) or any(jnp.size(a) == 0 for a in jax.tree.leaves(args)):
-        return jnp_path(*args)
+        return _sharding.run(jnp_path, args, layout, is_kernel=False)
     try:
-        return _with_jnp_derivatives(kernel, jnp_path)(*args)
+        return _sharding.run(_with_jnp_derivatives(kernel, jnp_path), args, layout, is_kernel=True)
     except NotImplementedError as e:
         if impl == "pallas":
             raise
         warnings.warn(f"{op_name}: {e}; using the jnp implementation", UnsupportedCaseWarning, stacklevel=3)
-        return jnp_path(*args)
+        return _sharding.run(jnp_path, args, layout, is_kernel=False)
 
 
 def _with_jnp_derivatives(kernel: Callable[..., Any], jnp_path: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import check_float, compute_dtype, resolve_impl, reverse_mode_only, run_kernel
 
 ACTIVATIONS = (None, "tanh")
@@ -42,12 +43,38 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     XLA on GPU and in the Pallas Triton lowering (which maps only HIGHEST to "ieee"), and
     single-pass bf16 on TPU; HIGHEST everywhere keeps the paths comparable.
     """
+    out_sharding = _explicit_out_sharding(a, b)
     if _is_16_bit(a.dtype):
         # No preferred_element_type: with an f32 result type, autodiff would transpose this
         # dot into f32 x f32 matmuls. XLA accumulates a bf16 dot in f32 (cuBLAS, the TPU
         # MXU, the CPU emitter) and rounds the result once.
-        return jnp.matmul(a, b)
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
+        return jnp.matmul(a, b, out_sharding=out_sharding)
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype,
+                      out_sharding=out_sharding)
+
+
+def _explicit_out_sharding(a: jax.Array, b: jax.Array):
+    """Under explicit mesh axes, ``a @ b``'s sharding: ``a``'s rows and ``b``'s columns
+    (the columns left whole if their axes already split the rows).
+
+    JAX asks for it when the contracted axis is split (row-parallel ``w``): the partial
+    products are then all-reduced. None without explicit axes (JAX infers it).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return None
+
+    def entries(x):
+        spec = tuple(jax.typeof(x).sharding.spec)
+        return spec + (None,) * (x.ndim - len(spec))
+
+    def axes(entry):
+        return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+
+    rows, col = entries(a)[:-1], entries(b)[-1]
+    if set(axes(col)) & {ax for r in rows for ax in axes(r)}:
+        col = None
+    return jax.sharding.PartitionSpec(*rows, col)
 
 
 def _activate(z: jax.Array, activation: str | None) -> jax.Array:
@@ -69,6 +96,35 @@ def dense_reference(x, w, b=None, *, activation=None):
 # --- custom_vjp: primal and forward rule share _dense_forward ----------------------------
 
 
+def _forward_layout(has_bias: bool, activation: str | None) -> _sharding.Layout:
+    """``z = x w + b`` over factors m (rows), k (contracted), n (columns).
+
+    Rows split (data parallel) and columns split (``w`` column-parallel) need nothing:
+    each device computes its own block of ``a``. A split ``k`` (``w`` row-parallel, ``x``
+    split the same way) makes each device's ``x w`` a partial sum: it is all-reduced
+    before the bias and tanh, which are not linear -- so the op reduces, not the caller.
+    """
+    return _sharding.Layout(("m k", "k n", "n") if has_bias else ("m k", "k n"), ("m n",),
+                            local=functools.partial(_forward_local, activation=activation))
+
+
+def _forward_local(assign, fn, is_kernel, *, activation):
+    if "k" not in assign:
+        return fn
+    from fusedvjp.kernels import dense as kernels
+
+    def local(x, w, b=None):
+        # The partial products are rounded to x's dtype and summed in it, as XLA's
+        # partitioning of the reference's ``x @ w`` does for a split contraction.
+        partial = kernels.dense_fwd(x, w, None, activation=None) if is_kernel else _matmul(x, w)
+        z = _sharding.psum_over(partial, assign, ("k",)).astype(compute_dtype(x.dtype))
+        if b is not None:
+            z = z + b.astype(z.dtype)
+        return _activate(z, activation).astype(x.dtype)
+
+    return local
+
+
 def _dense_forward(x, w, b, activation, impl, return_residuals):
     from fusedvjp.kernels import dense as kernels
 
@@ -78,10 +134,12 @@ def _dense_forward(x, w, b, activation, impl, return_residuals):
         functools.partial(dense_reference, activation=activation),
         (x, w, b),
         "dense",
+        _forward_layout(b is not None, activation),
     )
     if return_residuals:
-        # x and w for the two matmuls of the backward; a for tanh's derivative.
-        return a, (x, w, a, b is not None)
+        # x and w for the two matmuls of the backward; a for tanh's derivative; b only
+        # for its type (a cotangent must come back typed like its input).
+        return a, (x, w, a, b)
     return a
 
 
@@ -94,18 +152,30 @@ def _dense_fwd_rule(x, w, b, activation, impl):
     return _dense_forward(x, w, b, activation, impl, return_residuals=True)
 
 
+def _backward_layout(has_bias: bool) -> _sharding.Layout:
+    """dx = dz w^T sums over n; dW = x^T dz and db = sum_m dz sum over m. So rows split
+    (data parallel) all-reduce dW and db, columns split (column-parallel w) all-reduce
+    dx, and a split k needs nothing (db, which does not depend on k, comes out the same
+    on every device)."""
+    if has_bias:
+        return _sharding.Layout(("m k", "k n", "m n", "m n"), ("m k", "k n", "n"), sums=("n", "m", "m"))
+    return _sharding.Layout(("m k", "k n", "m n", "m n"), ("m k", "k n"), sums=("n", "m"))
+
+
 def _dense_bwd_rule(activation, impl, residuals, g):
     from fusedvjp.kernels import dense as kernels
 
-    x, w, a, has_bias = residuals
-    options = dict(has_bias=has_bias, activation=activation)
-    return run_kernel(
+    x, w, a, b = residuals
+    options = dict(has_bias=b is not None, activation=activation)
+    dx, dw, db = run_kernel(
         impl,
         functools.partial(kernels.dense_bwd, **options),
         functools.partial(_dense_bwd_jnp, **options),
         (x, w, a, g),
         "dense",
+        _backward_layout(b is not None),
     )
+    return _sharding.match_cotangent(dx, x), _sharding.match_cotangent(dw, w), _sharding.match_cotangent(db, b)
 
 
 def _dense_bwd_jnp(x, w, a, g, *, has_bias, activation):

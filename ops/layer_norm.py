@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import (
     check_float,
     check_static_float,
@@ -76,6 +77,14 @@ def _statistics_and_output(x, scale, bias, *, eps):
 # --- custom_vjp: primal and forward rule share _forward ------------------------------------
 
 
+# Rows (m) split: each device normalizes its own rows, and the backward's dscale and
+# dbias, sums over the rows, are all-reduced. The feature axis (d) is what every row
+# statistic reduces over; the kernels need it whole, so a split d is gathered first.
+_FORWARD_LAYOUT = _sharding.Layout(("m d", "d", "d"), ("m d", "m", "m"), whole=("d",))
+_BACKWARD_LAYOUT = _sharding.Layout(("m d", "d", "m", "m", "m d"), ("m d", "d", "d"), sums=("", "m", "m"),
+                                    whole=("d",))
+
+
 def _forward(x, scale, bias, eps, impl, return_residuals):
     """x [N, D], scale and bias [D] in x's dtype -> y [N, D] (+ residuals)."""
     from fusedvjp.kernels import layer_norm as kernels
@@ -86,9 +95,11 @@ def _forward(x, scale, bias, eps, impl, return_residuals):
         functools.partial(_statistics_and_output, eps=eps),
         (x, scale, bias),
         "layer_norm",
+        _FORWARD_LAYOUT,
     )
-    # x and scale are read again by the backward; mean and rstd (f32 [N]) rebuild xhat.
-    return (y, (x, scale, mean, rstd)) if return_residuals else y
+    # x and scale are read again by the backward; mean and rstd (f32 [N]) rebuild xhat;
+    # bias only for its type (its cotangent must come back typed like it).
+    return (y, ((x, scale, mean, rstd), bias)) if return_residuals else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -119,7 +130,11 @@ def _layer_norm_bwd(eps, impl, residuals, g):
     del eps  # rstd already holds it
     from fusedvjp.kernels import layer_norm as kernels
 
-    return run_kernel(impl, kernels.layer_norm_bwd, _layer_norm_bwd_jnp, (*residuals, g), "layer_norm")
+    (x, scale, mean, rstd), bias = residuals
+    dx, dscale, dbias = run_kernel(impl, kernels.layer_norm_bwd, _layer_norm_bwd_jnp, (x, scale, mean, rstd, g),
+                                   "layer_norm", _BACKWARD_LAYOUT)
+    return (_sharding.match_cotangent(dx, x), _sharding.match_cotangent(dscale, scale),
+            _sharding.match_cotangent(dbias, bias))
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

@@ -40,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import (
     check_float,
     check_static_float,
@@ -92,10 +93,10 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
     x, counted = _counted_rows(x, where)
     m, log_s = _split_logsumexp(x)
     valid = (labels >= 0) & (labels < v)
-    if v:
-        label_logit = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    else:  # no class: every label is out of range (NaN below)
-        label_logit = jnp.zeros(labels.shape, x.dtype)
+    # x_y as a masked row sum rather than a gather: exact (one nonzero term), and a sum
+    # over a vocabulary split across devices partitions into a psum of [...] vectors,
+    # where a gather from a split axis has no sharding rule. No class (V = 0) sums to 0.
+    label_logit = jnp.sum(jnp.where(jnp.arange(v) == labels[..., None], x, 0.0), axis=-1)
     loss = log_s + (1.0 - label_smoothing) * (m - label_logit)
     if label_smoothing:
         loss = loss + (label_smoothing / v) * jnp.sum(m[..., None] - x, axis=-1)
@@ -152,6 +153,149 @@ def softmax_cross_entropy_reference(logits, labels, *, where=None):
     return loss.astype(logits.dtype)
 
 
+# --- under sharding (ops/_sharding.py): rows and the vocabulary -----------------------------
+#
+# Rows (m) split: every row is independent, nothing crosses devices. The vocabulary (v)
+# split (vocabulary-parallel logits): each device reduces its slice of every row to a
+# few numbers -- its max and sum of exponentials, the label's logit when the label falls
+# in its slice, and the sums the smoothing or probability-label terms need -- and only
+# those [N] vectors are all-reduced (one pmax and a few psums): never the [N, V] logits.
+# The merged (row max, log-sum) is the residual, so the backward is local: each device
+# writes its slice of dlogits from its slice of logits.
+
+
+def _vocab_offset(assign, v_local: int):
+    """The first global class of this device's slice, and the number of slices."""
+    axes = _sharding.axes_of(assign, ("v",))
+    return jax.lax.axis_index(axes) * v_local, jax.lax.psum(1, axes)
+
+
+def _merge_row_stats(m, log_s, axes):
+    """Per-slice (m, log_s) -> the row's (m, log_s): logsumexp = m + log_s over all slices.
+
+    A slice that is all -inf reports m = 0 and log_s = -inf; it must not lift the shift
+    (its 0 could exceed every real logit and underflow the others' exp), so it takes
+    part as -inf. +inf or NaN in a slice reaches m or log_s and makes the row NaN.
+    """
+    big = jax.lax.pmax(jnp.where(jnp.isneginf(log_s), -jnp.inf, m), axes)
+    shift = jnp.where(jnp.isneginf(big), 0.0, big)
+    return shift, jnp.log(jax.lax.psum(jnp.exp((m - shift) + log_s), axes))
+
+
+def _int_slice_stats_jnp(logits, labels_here, where, *, label_smoothing):
+    """The kernels' vocab_shard statistics for one slice, in jnp."""
+    x, counted = _counted_rows(logits.astype(compute_dtype(logits.dtype)), where)
+    m, log_s = _split_logsumexp(x)
+    here = (labels_here >= 0) & (labels_here < x.shape[-1])
+    picked = jnp.take_along_axis(x, jnp.where(here, labels_here, 0)[..., None], axis=-1)[..., 0]
+    logit_sum = jnp.sum(x, axis=-1) if label_smoothing else jnp.zeros_like(m)
+    return m, log_s, jnp.where(here & counted, picked, 0.0), logit_sum
+
+
+def _prob_slice_stats_jnp(logits, t, where):
+    ct = compute_dtype(logits.dtype, t.dtype)
+    x, counted = _counted_rows(logits.astype(ct), where)
+    t, _ = _counted_rows(t.astype(ct), where)
+    m, log_s = _split_logsumexp(x)
+    return m, log_s, jnp.sum(t, axis=-1), jnp.sum(jnp.where(t != 0, t * x, 0.0), axis=-1)
+
+
+def _int_forward_local(assign, fn, is_kernel, *, label_smoothing, z_loss):
+    if "v" not in assign:
+        return fn
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+    axes = _sharding.axes_of(assign, ("v",))
+
+    def local(logits, labels, where):
+        v_local = logits.shape[-1]
+        offset, slices = _vocab_offset(assign, v_local)
+        v = v_local * slices
+        here = labels - offset
+        if is_kernel:
+            m, log_s, picked, logit_sum = kernels.softmax_cross_entropy_fwd(
+                logits, here, where, label_smoothing=label_smoothing, vocab_shard=True)
+        else:
+            m, log_s, picked, logit_sum = _int_slice_stats_jnp(logits, here, where, label_smoothing=label_smoothing)
+        shift, log_s = _merge_row_stats(m, log_s, axes)
+        # As in _integer_label_loss, around the shift: log_s + (1-a)(m - x_y) + (a/V) sum (m - x_j).
+        loss = log_s
+        if label_smoothing < 1:
+            loss = loss + (1.0 - label_smoothing) * (shift - jax.lax.psum(picked, axes))
+        if label_smoothing:
+            loss = loss + (label_smoothing / v) * (v * shift - jax.lax.psum(logit_sum, axes))
+        if z_loss:
+            loss = loss + z_loss * (shift + log_s) ** 2
+        valid = (labels >= 0) & (labels < v)
+        loss = jnp.where(where & ~valid, jnp.nan, loss)
+        return jnp.where(where, loss, 0.0), (shift, log_s)
+
+    return local
+
+
+def _int_backward_local(assign, fn, is_kernel, *, label_smoothing, z_loss):
+    if "v" not in assign:
+        return fn
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+    def local(logits, labels, where, m, log_s, g):
+        v_local = logits.shape[-1]
+        offset, slices = _vocab_offset(assign, v_local)
+        v = v_local * slices
+        # The residual is the whole row's; a label in another slice matches no column
+        # here. A label outside [0, V) makes the row NaN through g (where-False rows
+        # still give 0).
+        g = jnp.where((labels >= 0) & (labels < v), g, jnp.nan)
+        here = labels - offset
+        if is_kernel:
+            return kernels.softmax_cross_entropy_bwd(
+                logits, here, where, (m, log_s), g, label_smoothing=label_smoothing, z_loss=z_loss,
+                num_classes=v, check_labels=False)
+        x = logits.astype(m.dtype)
+        p = jnp.exp(_log_softmax_from(x, (m, log_s)))
+        t = jnp.where(jnp.arange(v_local)[None, :] == here[:, None], 1.0 - label_smoothing, 0.0) + label_smoothing / v
+        d = p * (1.0 + 2.0 * z_loss * (m + log_s)[:, None]) - t
+        return jnp.where(where[:, None], g.astype(x.dtype)[:, None] * d, 0.0).astype(logits.dtype)
+
+    return local
+
+
+def _prob_forward_local(assign, fn, is_kernel):
+    if "v" not in assign:
+        return fn
+    from fusedvjp.kernels import softmax_cross_entropy as kernels
+
+    axes = _sharding.axes_of(assign, ("v",))
+
+    def local(logits, labels, where):
+        if is_kernel:
+            m, log_s, label_sum, label_dot = kernels.softmax_cross_entropy_fwd(logits, labels, where, vocab_shard=True)
+        else:
+            m, log_s, label_sum, label_dot = _prob_slice_stats_jnp(logits, labels, where)
+        shift, log_s = _merge_row_stats(m, log_s, axes)
+        label_sum = jax.lax.psum(label_sum, axes)
+        # lse sum(t) - sum(t x) = sum(t) log_s + (sum(t) m - sum(t x)).
+        loss = label_sum * log_s + (label_sum * shift - jax.lax.psum(label_dot, axes))
+        return jnp.where(where, loss, 0.0), (shift, log_s, label_sum)
+
+    return local
+
+
+def _int_layouts(label_smoothing, z_loss):
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    forward = _sharding.Layout(("m v", "m", "m"), ("m", "m", "m"),
+                               local=functools.partial(_int_forward_local, **options))
+    backward = _sharding.Layout(("m v", "m", "m", "m", "m", "m"), ("m v",),
+                                local=functools.partial(_int_backward_local, **options))
+    return forward, backward
+
+
+_PROB_FORWARD_LAYOUT = _sharding.Layout(("m v", "m v", "m"), ("m", "m", "m", "m"), local=_prob_forward_local)
+# Given the whole row's residual, dlogits = g (p sum(t) - t) is elementwise: a vocabulary
+# slice needs nothing from the others.
+_PROB_BACKWARD_LAYOUT = _sharding.Layout(("m v", "m v", "m", "m", "m", "m", "m"), ("m v",))
+
+
 # --- integer labels: custom_vjp ------------------------------------------------------------
 
 
@@ -171,6 +315,7 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
         functools.partial(_int_loss_jnp, **options),
         (logits, labels, where),
         "softmax_cross_entropy_with_integer_labels",
+        _int_layouts(label_smoothing, z_loss)[0],
     )
     if return_residuals:
         return loss, (logits, labels, where, tuple(row_stats))
@@ -211,8 +356,9 @@ def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
         functools.partial(_int_grad_jnp, **options),
         (*residuals, g),
         "softmax_cross_entropy_with_integer_labels",
+        _int_layouts(label_smoothing, z_loss)[1],
     )
-    return dlogits, None, None
+    return _sharding.match_cotangent(dlogits, residuals[0]), None, None
 
 
 _int_xent.defvjp(_int_xent_fwd, _int_xent_bwd)
@@ -231,7 +377,8 @@ def _prob_forward(logits, labels, where, impl, return_residuals):
     from fusedvjp.kernels import softmax_cross_entropy as kernels
 
     loss, row_stats = run_kernel(
-        impl, kernels.softmax_cross_entropy_fwd, _prob_loss_jnp, (logits, labels, where), "softmax_cross_entropy"
+        impl, kernels.softmax_cross_entropy_fwd, _prob_loss_jnp, (logits, labels, where), "softmax_cross_entropy",
+        _PROB_FORWARD_LAYOUT,
     )
     if return_residuals:
         return loss, (logits, labels, where, tuple(row_stats))
@@ -261,7 +408,8 @@ def _prob_xent_bwd(impl, residuals, g):
 
     logits, labels, where, row_stats = residuals
     dlogits = run_kernel(
-        impl, kernels.softmax_cross_entropy_bwd, _prob_grad_jnp, (*residuals, g), "softmax_cross_entropy"
+        impl, kernels.softmax_cross_entropy_bwd, _prob_grad_jnp, (*residuals, g), "softmax_cross_entropy",
+        _PROB_BACKWARD_LAYOUT,
     )
     # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
     # elementwise pass and removes it entirely when the labels need no gradient (the usual
@@ -269,7 +417,7 @@ def _prob_xent_bwd(impl, residuals, g):
     ct = row_stats[0].dtype
     logp = _zero_where_no_mass(_log_softmax_from(logits.astype(ct), row_stats), labels.astype(ct))
     dlabels = jnp.where(where[:, None], -g.astype(ct)[:, None] * logp, 0.0).astype(labels.dtype)
-    return dlogits, dlabels, None
+    return _sharding.match_cotangent(dlogits, logits), _sharding.match_cotangent(dlabels, labels), None
 
 
 _prob_xent.defvjp(_prob_xent_fwd, _prob_xent_bwd)

@@ -93,6 +93,21 @@ def test_posinf_or_nan_logit_gives_a_nan_row(op, impl, bad, rng):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", XENT_OPS)
+def test_rows_of_very_negative_logits_stay_finite(op, impl, rng):
+    """Logits all below -88 (exp underflows, exp(-x) overflows in f32) on long rows that
+    span several vocabulary blocks: the kernels' running sum once rescaled its empty
+    start by exp(0 - max) = inf, and 0 * inf gave a NaN row."""
+    n, v = 3, 1000
+    logits = randn(rng, (n, v), jnp.float32) - jnp.asarray([[150.0], [1000.0], [0.0]], jnp.float32)
+    labels = _labels(op, rng, n, v)
+    loss, dlogits = _xent_loss_and_grad(op, logits, labels, None, impl)
+    want_loss, want_d = _xent_loss_and_grad(op, logits, labels, None, "xla")
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
+    np.testing.assert_allclose(dlogits, want_d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_options_keep_the_nan_row_rule(impl, rng):
     logits = randn(rng, (3, 10), jnp.float32).at[0, 0].set(jnp.inf)
     labels = jnp.asarray([1, 2, 3], jnp.int32)
