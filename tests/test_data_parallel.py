@@ -29,7 +29,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import NO_EIGEN_POOL, REPO
+
 
 LOSS_RTOL = 1e-5
 DEVICES = 8
@@ -43,7 +44,7 @@ SUBPROCESS_TIMEOUT_S = 120
 
 
 def _env(devices: int) -> dict:
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}" + NO_EIGEN_POOL
     return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
 
 

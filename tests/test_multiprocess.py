@@ -28,7 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import NO_EIGEN_POOL, REPO
+
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -138,7 +139,7 @@ def test_trainer_cli_across_processes(tmp_path):
         return [sys.executable, "-m", "fusedvjp.model.train", *flags, "--coordinator", coordinator,
                 "--num-processes", str(PROCESSES), "--process-id", str(i), "--out", str(tmp_path / f"out{i}")]
 
-    xla_flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}"
+    xla_flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}" + NO_EIGEN_POOL
     outs = launch(cmd, tmp_path, env={"XLA_FLAGS": xla_flags.strip()})
     assert f"data parallel: {PROCESSES * LOCAL_DEVICES} devices ({LOCAL_DEVICES} local, {PROCESSES} process(es))" \
         in outs[0], outs[0][-4000:]

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Single-threaded ops: with 8 devices on few cores, devices blocked in an all-reduce can
+# otherwise hold every thread of Eigen's shared pool that the last device needs
+# (a rendezvous deadlock seen under load).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
