@@ -159,11 +159,11 @@ def _online_lse_step(m, s, x):
     """Returns (m', s', r, r'): new running max and sum, old and new shift."""
     m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
     r, r_new = _shift(m), _shift(m_new)
-    # While m is -inf nothing has been summed (s = 0) and the old shift is the placeholder
-    # 0, so exp(r - r') = exp(-r') overflows for a row whose logits all lie below -88:
-    # 0 * inf would make it NaN. Nothing is carried then; a NaN m still propagates.
-    carried = jnp.where(m == -jnp.inf, 0.0, s * jnp.exp(r - r_new))
-    s_new = carried + jnp.sum(jnp.exp(x - r_new), axis=1, keepdims=True)
+    # r <= r' always, except while m is -inf: nothing has been summed (s = 0) and the old
+    # shift is the placeholder 0, so exp(r - r') = exp(-r') would overflow for a row whose
+    # logits all lie below -88 and make it NaN (0 * inf). Capping the exponent at 0 keeps
+    # s = 0 there; a NaN m still propagates (minimum keeps NaN).
+    s_new = s * jnp.exp(jnp.minimum(r - r_new, 0.0)) + jnp.sum(jnp.exp(x - r_new), axis=1, keepdims=True)
     return m_new, s_new, r, r_new
 
 
