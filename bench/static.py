@@ -31,6 +31,7 @@ no tensor-core instruction.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -163,6 +164,9 @@ def get_target(name: str) -> Target:
         gpu = {k: int(_spec_scalar(text, k)) for k in ("core_count", "registers_per_core_limit",
                                                         "shared_memory_per_core", "threads_per_core_limit",
                                                         "shared_memory_per_block_optin", "threads_per_warp")}
+        # Tensor-core multiply-adds per SM per clock (the rate table's units x ops/clock).
+        gpu["bf16_macs_per_clock"] = round(_spec_rate(text, "matrix_unit_description", _XLA_BF16)
+                                           / (_spec_scalar(text, "clock_rate_ghz") * 1e9))
         return Target(name, "cuda", device, _spec_scalar(text, "memory_bandwidth"), {"bf16": bf16, "f32": f32},
                       int(_spec_scalar(text, "device_memory_size")),
                       f"XLA's target spec gpu_targets/{file} (rate tables x {sms} SMs); agrees with the "
@@ -356,6 +360,55 @@ class Compiled:
         return self.error is None
 
 
+@contextlib.contextmanager
+def _mosaic_gpu_dumps(dump_dir):
+    """Mosaic GPU compiles its kernels itself (to PTX, then ptxas) inside XLA's compile,
+    out of XLA's dumps; its own environment switches put the PTX and the kernel's MLIR
+    (with its launch: grid, threads, shared memory) under ``dump_dir/mosaic_gpu``."""
+    if dump_dir is None:
+        yield
+        return
+    where = pathlib.Path(dump_dir) / "mosaic_gpu"
+    where.mkdir(parents=True, exist_ok=True)
+    switches = {"MOSAIC_GPU_DUMP_TO": str(where), "MOSAIC_GPU_DUMP_PTX": "1"}
+    saved = {k: os.environ.get(k) for k in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_MGPU_LAUNCH = re.compile(r"gpu\.launch.*?in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\) threads"
+                          r".*?in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)"
+                          r"(?:.*?dynamic_shared_memory_size %c(\d+))?")
+
+
+def mosaic_gpu_kernels(dump_dir: pathlib.Path) -> list[dict]:
+    """The Mosaic GPU kernels of a compile (see ``_mosaic_gpu_dumps``): name, launch,
+    registers and spills (``ptxas -v`` of the dumped PTX), wgmma and the wgmma loop."""
+    where = dump_dir / "mosaic_gpu"
+    out = []
+    for ptx in sorted(where.glob("*.ptx")) if where.is_dir() else ():
+        name = re.sub(r"_\d+$", "", ptx.stem)
+        mlir = ptx.with_name(ptx.stem + ".before_layout_inference.txt")
+        launch = _MGPU_LAUNCH.search(mlir.read_text()) if mlir.exists() else None
+        if launch is None:
+            continue
+        text = ptx.read_text(errors="replace")
+        info = next(iter(ptxas_info(ptx).values()), {})
+        out.append({"name": name, "grid": [int(launch.group(i)) for i in (1, 2, 3)],
+                    "threads": math.prod(int(launch.group(i)) for i in (4, 5, 6)),
+                    "dynamic_smem": int(launch.group(7) or 0), "ptx": {
+                        "wgmma": text.count("wgmma.mma_async"), "mma": len(re.findall(r"\bmma\.sync", text)),
+                        **tensor_core_loop(text)}, "ptxas": info})
+    return out
+
+
 def compile_case(case: StaticCase, target_name: str, *, dump_dir: str | os.PathLike | None = None,
                  fail_on_spill: bool = False) -> Compiled:
     """Lowers and compiles ``case`` for ``target_name``; a compile error is returned, not raised.
@@ -382,7 +435,7 @@ def compile_case(case: StaticCase, target_name: str, *, dump_dir: str | os.PathL
     t0 = time.perf_counter()
     lower_s = compile_s = 0.0
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), _mosaic_gpu_dumps(dump_dir if target.platform == "cuda" else None):
             fn, args = case.function_and_args(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
             traced = jax.jit(fn).trace(*args)
             kernels = pallas_kernels(traced.jaxpr, target.platform)
@@ -436,15 +489,37 @@ def pallas_kernels(closed_jaxpr, platform: str) -> list[dict]:
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas import triton as plgpu
 
-    want = plgpu.CompilerParams if platform == "cuda" else pltpu.CompilerParams
+    from jax.experimental.pallas import mosaic_gpu as plmgpu
+
+    want = (plgpu.CompilerParams, plmgpu.CompilerParams) if platform == "cuda" else (pltpu.CompilerParams,)
     found: dict[tuple, dict] = {}
 
     def walk(jaxpr):
+        # platform_dependent traces a cond over platform_index: only the branch for
+        # `platform` is compiled (on CUDA the Mosaic GPU or the Triton one, not both).
+        platform_vars = {}
         for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "platform_index":
+                platform_vars[eqn.outvars[0]] = eqn.params["platforms"]
+                continue
             if eqn.primitive.name == "pallas_call":
                 p = eqn.params
                 if isinstance(p["compiler_params"], want) and not p["interpret"]:
                     _record(p)
+                continue
+            if eqn.primitive.name == "mpmd_map":  # a Mosaic GPU kernel (plgpu.kernel)
+                p = eqn.params
+                if isinstance(p.get("compiler_params"), want) and not p.get("interpret"):
+                    name = str(p.get("name") or "kernel")
+                    dots = sorted({d for v in p.values() for sub in _sub_jaxprs(v) for d in _has_dot(sub)})
+                    found.setdefault((name,), {"name": name, "grid": [], "dots": dots})
+                continue
+            if eqn.primitive.name == "cond" and eqn.invars and eqn.invars[0] in platform_vars:
+                platforms = platform_vars[eqn.invars[0]]
+                branches = eqn.params["branches"]
+                chosen = [b for i, b in enumerate(branches) if i < len(platforms) and platform in platforms[i]]
+                for branch in chosen or branches:
+                    walk(branch.jaxpr)
                 continue
             for value in eqn.params.values():
                 for sub in _sub_jaxprs(value):
@@ -559,8 +634,59 @@ def ptx_kernels(dump_dir: pathlib.Path) -> dict[str, dict]:
         for i, m in enumerate(entries):
             body = text[m.start(): entries[i + 1].start() if i + 1 < len(entries) else len(text)]
             out[m.group(1)] = {"ptx_file": ptx, "wgmma": body.count("wgmma.mma_async"),
-                               "mma": len(re.findall(r"\bmma\.sync", body))}
+                               "mma": len(re.findall(r"\bmma\.sync", body)), **tensor_core_loop(body)}
     return out
+
+
+_LABEL = re.compile(r"^\s*(\$\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$\w+);")
+_WGMMA_SHAPE = re.compile(r"wgmma\.mma_async\S*\.m(\d+)n(\d+)k(\d+)")
+
+
+def tensor_core_loop(ptx_body: str) -> dict:
+    """The innermost PTX loop holding wgmma (a reduction step of a Hopper matmul): its
+    instructions per thread and the multiply-adds its wgmma do per warpgroup.
+
+    A loop is a label and a later branch back to it. Instructions are PTX statements
+    (not directives, labels or braces), a close proxy for the SASS a warp issues.
+    Empty when the kernel has no wgmma loop.
+    """
+    lines = ptx_body.splitlines()
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b and b.group(1) in labels:
+            loops.append((labels[b.group(1)], i))
+    best = None
+    for start, end in loops:
+        body = lines[start:end + 1]
+        macs = sum(int(a) * int(b) * int(c) for a, b, c in _WGMMA_SHAPE.findall("\n".join(body)))
+        if macs and (best is None or end - start < best[1] - best[0]):
+            best = (start, end, body, macs)
+    if best is None:
+        return {}
+    stmts = [ln for ln in best[2] if ln.strip().endswith(";") and not ln.strip().startswith((".", "//"))]
+    return {"loop_instructions": len(stmts), "loop_wgmma_macs": best[3]}
+
+
+def issue_ratio(kernel: dict, target: Target) -> float | None:
+    """Instruction issue time over tensor-core time per step of the wgmma loop.
+
+    Per SM, a CTA of W warps issues ``n`` instructions per warp per step over 4
+    schedulers (one instruction a cycle each): n W / 4 cycles. Its W / 4 warpgroups do
+    ``macs`` multiply-adds each (the loop's wgmma), at R tensor-core multiply-adds per
+    SM per clock (XLA's rate table): macs W / 4 / R cycles. The ratio, n R / macs, is
+    at most 1 when issue keeps up with the tensor cores (wgmma is asynchronous, so the
+    two overlap).
+    """
+    n, macs = kernel.get("loop_instructions"), kernel.get("loop_wgmma_macs")
+    if not n or not macs or target.gpu is None:
+        return None
+    return n * target.gpu["bf16_macs_per_clock"] / macs
 
 
 def occupancy(target: Target, threads: int, registers: int | None, smem_bytes: int) -> dict:
@@ -602,6 +728,12 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
     if not launches:  # the compile failed before the executable existed: the Pallas kernels from the HLO
         launches = [dict(name=c["name"], grid=c["grid"], threads=32 * (c["num_warps"] or 0), dynamic_smem=None)
                     for c in calls]
+    # Mosaic GPU kernels launch from a custom call, not a thunk XLA names: from their own dumps.
+    for k in mosaic_gpu_kernels(d):
+        launches.append(dict(name=k["name"], grid=k["grid"], threads=k["threads"], dynamic_smem=k["dynamic_smem"]))
+        pallas_names.add(k["name"])
+        ptx[k["name"]] = k["ptx"]
+        regs[k["name"]] = k["ptxas"]
     out = []
     for launch in launches:
         name = launch["name"]
@@ -621,8 +753,11 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
             "stack_bytes": r.get("stack_bytes"),
             "wgmma": p.get("wgmma"),
             "mma": p.get("mma"),
+            "loop_instructions": p.get("loop_instructions"),
+            "loop_wgmma_macs": p.get("loop_wgmma_macs"),
             "dots": dots.get(name, []),
         }
+        row["issue_ratio"] = issue_ratio(row, target)
         if launch["threads"]:
             row.update(occupancy(target, launch["threads"], row["registers"], smem or 0))
             per_wave = row["blocks_per_sm"] * target.gpu["core_count"]
@@ -656,7 +791,10 @@ def compiled_kernel_names(result: Compiled) -> set[str]:
     """
     hlo = result.compiled.as_text()
     if result.target.platform == "cuda":
-        return {c["name"] for c in triton_calls(hlo)}
+        mosaic = [line for line in hlo.splitlines() if 'custom_call_target="mosaic_gpu' in line]
+        # A Mosaic GPU kernel's name is in its serialized module ("<name>_mosaic_gpu_kernel").
+        return {c["name"] for c in triton_calls(hlo)} | {
+            m for line in mosaic for m in re.findall(r"(fusedvjp_\w+?)_mosaic_gpu", line)}
     calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     return {m for line in calls for m in re.findall(r"/(fusedvjp_\w+)/pallas_call", line)}
 
@@ -785,6 +923,10 @@ def _fmt_bytes(n) -> str:
     return f"{n} B"
 
 
+def _fmt_ratio(r) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
 def _fmt_s(s) -> str:
     if s is None:
         return "-"
@@ -819,7 +961,9 @@ def markdown(doc: dict) -> str:
         lines += ["- Per kernel: grid, threads and shared memory (dynamic + static) from XLA's thunk sequence; "
                   "registers and spills from `ptxas -v` on XLA's PTX; occupancy = resident warps / 64 per SM (limits: "
                   "registers, shared memory, warps, 32 blocks); waves = blocks / (blocks per SM x SMs); wgmma / mma = "
-                  "tensor-core instructions in the PTX (sm_90a)."]
+                  "tensor-core instructions in the PTX (sm_90a); issue = the wgmma loop's PTX instructions per step "
+                  "x R / its wgmma multiply-adds per warpgroup, R = tensor-core multiply-adds per SM per clock: instruction "
+                  "issue time over tensor-core time per step (at most 1: issue keeps up)."]
     else:
         lines += ["- Per kernel: grid and blocks from the traced pallas_call; VMEM estimate = 2 buffers per block "
                   f"(the Pallas pipeline double-buffers) + scratch, the kernel body's temporaries not counted "
@@ -842,7 +986,7 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Per kernel", ""]
     if t["platform"] == "cuda":
         lines += ["| case | kernel | grid | waves | warps | stages | regs | smem | spills (st/ld B) | occupancy | "
-                  "wgmma | mma |", "| --- |" + " --- |" * 11]
+                  "wgmma | mma | issue |", "| --- |" + " --- |" * 12]
         for r in doc["results"]:
             for k in r.get("kernels", []):
                 occ = k.get("occupancy")
@@ -854,7 +998,8 @@ def markdown(doc: dict) -> str:
                     f"{k['registers'] if k['registers'] is not None else '-'} | {_fmt_bytes(k['smem_bytes'])} | "
                     f"{k['spill_store_bytes'] if k['spill_store_bytes'] is not None else '-'}/"
                     f"{k['spill_load_bytes'] if k['spill_load_bytes'] is not None else '-'} | {occ_cell} | "
-                    f"{k['wgmma'] if k['wgmma'] is not None else '-'} | {k['mma'] if k['mma'] is not None else '-'} |")
+                    f"{k['wgmma'] if k['wgmma'] is not None else '-'} | {k['mma'] if k['mma'] is not None else '-'} | "
+                    f"{_fmt_ratio(k.get('issue_ratio'))} |")
     else:
         lines += ["| case | kernel | grid | blocks (shape dtype) | VMEM estimate | of scoped |",
                   "| --- |" + " --- |" * 5]

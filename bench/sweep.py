@@ -81,13 +81,18 @@ class Kernel:
     ops: tuple[str, ...]
     space: dict[str, list[int]]
     caps: dict[str, int]  # field -> index into default()'s dims
+    default_kwargs: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. which dense kernel
+
+
+# The dense op runs three kernels with their own tiles, tuned one at a time (the other
+# two at their defaults), each over the same space.
+_DENSE_SPACE = {"block_m": _POW2(16, 256), "block_n": _POW2(16, 256), "block_k": _POW2(16, 128),
+                "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]}
 
 
 KERNELS = (
-    Kernel("dense", DenseBlockSizes, ("dense_tanh", "dense"),
-           {"block_m": _POW2(16, 256), "block_n": _POW2(16, 256), "block_k": _POW2(16, 128),
-            "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
-           {"block_m": 0, "block_n": 1, "block_k": 2}),
+    *(Kernel(f"dense_{kernel}", DenseBlockSizes, ("dense_tanh", "dense"), _DENSE_SPACE,
+             {"block_m": 0, "block_n": 1, "block_k": 2}, {"kernel": kernel}) for kernel in ("fwd", "dx", "dw")),
     Kernel("softmax_cross_entropy", CrossEntropyBlockSizes,
            ("softmax_cross_entropy_with_integer_labels", "softmax_cross_entropy"),
            {"block_n": _POW2(1, 256), "block_v": _POW2(16, 8192), "num_warps": [1, 2, 4, 8, 16],
@@ -98,7 +103,7 @@ KERNELS = (
             "num_stages": [1, 2, 3]},
            {"block_rows": 0, "block_cols": 1}),
 )
-KERNEL_OF_OP = {op: k for k in KERNELS for op in k.ops}
+KERNELS_OF_OP = {op: tuple(k for k in KERNELS if op in k.ops) for kernel in KERNELS for op in kernel.ops}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,12 @@ class Bucket:
         return f"{self.key} ({self.case.label})"
 
 
+def _triton_only():
+    # The sweep tunes the Triton kernels: on an H100 the Mosaic GPU ones would take the
+    # bf16 dense cases (and their tiles are not DenseBlockSizes).
+    return _common.disabled_backends("mosaic_gpu")
+
+
 def _abstract_inputs(case: cases_lib.Case):
     return jax.eval_shape(lambda: case.make_inputs(seed=0))  # no 2 GiB of logits drawn
 
@@ -124,7 +135,7 @@ def _abstract_inputs(case: cases_lib.Case):
 def _forced_lookups(case: cases_lib.Case, kernel: Kernel, forced, lower: Callable[[Any, tuple], Any]):
     """Traces (``lower``) the case's pallas fwd+bwd with ``forced`` block sizes for ``kernel``;
     returns (lower's result, the Triton lookups of ``kernel`` made while tracing)."""
-    with _common.tuning_session({(kernel.name, BACKEND): forced}) as session:
+    with _common.tuning_session({(kernel.name, BACKEND): forced}) as session, _triton_only():
         jax.clear_caches()  # lookups run at trace time; a cached trace would skip them
         result = lower(case.function("pallas"), _abstract_inputs(case))
     return result, [lk for lk in session.lookups if lk["kernel"] == kernel.name and lk["backend"] == BACKEND]
@@ -134,16 +145,17 @@ def _eval_shape(fn, args):
     return jax.eval_shape(fn, *args)
 
 
-def probe(case: cases_lib.Case) -> Bucket:
-    """The tuning key ``case`` looks up and the heuristic config it gets there."""
-    kernel = KERNEL_OF_OP[case.op]
+def probe(case: cases_lib.Case, kernel: Kernel | None = None) -> Bucket:
+    """The tuning key ``case`` looks up for ``kernel`` (default: the op's first) and the
+    heuristic config it gets there."""
+    kernel = kernel or KERNELS_OF_OP[case.op][0]
     _, lookups = _forced_lookups(case, kernel, None, _eval_shape)
     keys = {lk["key"] for lk in lookups}
     if len(keys) != 1:
         raise RuntimeError(f"{case.label}: expected one {kernel.name} tuning key, traced {sorted(keys) or 'none'}")
     lk = lookups[0]
-    with _common.tuning_session({(kernel.name, BACKEND): None}):
-        heuristic = kernel.cls.default(*lk["dims"], lk["dtype"], BACKEND)
+    with _common.tuning_session({(kernel.name, BACKEND): None}), _triton_only():
+        heuristic = kernel.cls.default(*lk["dims"], lk["dtype"], BACKEND, **kernel.default_kwargs)
     return Bucket(kernel, case, lk["key"], lk["dims"], lk["dtype"], heuristic)
 
 
@@ -155,12 +167,13 @@ def buckets(ops: Iterable[str] | None = None, shape_sets: Sequence[str] = ("llm"
     out, seen = [], set()
     for dtype in dtypes:
         for shape_set in shape_sets:
-            for case in cases_lib.build_cases([o for o in op_names if o in KERNEL_OF_OP], [shape_set], [dtype],
+            for case in cases_lib.build_cases([o for o in op_names if o in KERNELS_OF_OP], [shape_set], [dtype],
                                               ["fwd+bwd"], quick=quick):
-                bucket = probe(case)
-                if bucket.key not in seen:
-                    seen.add(bucket.key)
-                    out.append(bucket)
+                for kernel in KERNELS_OF_OP[case.op]:
+                    bucket = probe(case, kernel)
+                    if bucket.key not in seen:
+                        seen.add(bucket.key)
+                        out.append(bucket)
     return out
 
 
@@ -293,7 +306,7 @@ def committed_candidates(bucket: Bucket, device_kind: str, path: pathlib.Path = 
 def _compile(fn, args, kernel: Kernel, config):
     """Lowers under the forced config here (tracing is not thread-safe with the session);
     returns a thunk that compiles (run in a worker thread)."""
-    with _common.tuning_session({(kernel.name, BACKEND): config}) as session:
+    with _common.tuning_session({(kernel.name, BACKEND): config}) as session, _triton_only():
         jax.clear_caches()
         start = time.perf_counter()
         lowered = jax.jit(fn).lower(*args)

@@ -29,7 +29,7 @@ pytest.importorskip("pytest_benchmark")
 # lowers to its kernels for an H100 and a TPU (test_full_case_lowers_to_the_kernels checks
 # that on the CPU). A future entry would be e.g. layer_norm on "tpu" for rows longer than
 # the VMEM budget ("Rows too long for the budget even at 8 rows raise
-# NotImplementedError", kernels/layer_norm.py).
+# NotImplementedError", kernels/layer_norm/__init__.py).
 EXPECTED_REFUSALS: dict[tuple[str, str, str], str] = {}
 
 

@@ -2,11 +2,13 @@
 
     python -m fusedvjp.scaffold NAME [--params a,b] [--option name=default ...] [--root DIR]
 
-Creates ``kernels/NAME.py``, ``ops/NAME.py`` and ``tests/test_ops_NAME.py`` with a
-``TODO(scaffold)`` at each place a person must fill in, appends a registry entry to
-``ops/registry.py`` and the export to ``ops/__init__.py``. The generic tests in
-``tests/test_ops_registry.py`` pick the op up at once -- and fail until the TODOs are
-done. Walk-through: ``docs/adding-an-op.md``.
+Creates the kernel package ``kernels/NAME/`` -- ``__init__.py`` (the launchers
+``NAME_fwd``/``NAME_bwd`` and the backend table), ``common.py`` (the block sizes and the
+math the backends share), ``triton.py`` and ``mosaic_tpu.py`` (one backend each) -- and
+``ops/NAME.py`` and ``tests/test_ops_NAME.py``, with a ``TODO(scaffold)`` at each place a
+person must fill in; appends a registry entry to ``ops/registry.py`` and the export to
+``ops/__init__.py``. The generic tests in ``tests/test_ops_registry.py`` pick the op up
+at once -- and fail until the TODOs are done. Walk-through: ``docs/adding-an-op.md``.
 """
 
 from __future__ import annotations
@@ -17,23 +19,67 @@ import pathlib
 import re
 import sys
 
-KERNEL_TEMPLATE = '''"""Pallas kernels for {name}: forward and backward. The math is in ops/{name}.py.
+KERNEL_INIT_TEMPLATE = '''"""Pallas kernels for {name}: forward and backward. The derivation is in ops/{name}.py.
 
-TODO(scaffold): one paragraph: what each kernel reads and writes, which residuals the
-forward saves and why, and the tiling (which axis is the reduction, how tails are masked).
+TODO(scaffold): the op's math in short (the forward, and the VJP as the kernels compute
+it) and the design every backend follows: what each kernel reads and writes, which
+residuals the forward saves and why each is cheap and sufficient, which axis is the
+reduction. Each backend module says how it tiles and masks.
+
+One file per backend: ``triton.py`` (any CUDA/ROCm GPU, the Pallas Triton lowering) and
+``mosaic_tpu.py``; ``common.py`` holds the tiles (``{camel}BlockSizes``) and the math
+both share.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from fusedvjp.kernels import _common
+from fusedvjp.kernels.{name} import mosaic_tpu, triton
+from fusedvjp.kernels.{name}.common import {camel}BlockSizes
+
+__all__ = ["{camel}BlockSizes", "{name}_bwd", "{name}_fwd"]
+
+# Backend name -> its module (fwd and bwd with one signature each). Another backend is one
+# more module and one more entry here (docs/adding-an-op.md, step 5).
+_BACKENDS = {{"triton": triton, "mosaic_tpu": mosaic_tpu}}
+
+
+def _check_args({arrays}) -> None:
+    # TODO(scaffold): ValueError for bad shapes; NotImplementedError(reason) for a case the
+    # kernels cannot serve (a dtype, a size past a VMEM budget): the op then falls back to
+    # jnp under impl="auto", and impl="pallas" gets the error.
+    pass
+
+
+def {name}_fwd({arrays}, *{lsig}, backend=None, block_sizes=None):
+    """Returns ``(out, residuals)``. TODO(scaffold): shapes and dtypes of each."""
+    _check_args({arrays})
+    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape, backends=tuple(_BACKENDS))
+    static = dict(block_sizes=block_sizes{lpass})
+    impls = {{name: functools.partial(module.fwd, **static) for name, module in _BACKENDS.items()}}
+    return _common.platform_dispatch(impls, {arrays}, backend=backend, op_name="{name}")
+
+
+def {name}_bwd({arrays}, residuals, g, *{lsig}, backend=None, block_sizes=None):
+    """Returns one cotangent per array input of the forward."""
+    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape, backends=tuple(_BACKENDS))
+    static = dict(block_sizes=block_sizes{lpass})
+    impls = {{name: functools.partial(module.bwd, **static) for name, module in _BACKENDS.items()}}
+    return _common.platform_dispatch(impls, {arrays}, residuals, g, backend=backend, op_name="{name}")
+'''
+
+KERNEL_COMMON_TEMPLATE = '''"""What every {name} backend shares: the tiles, the constants and the math.
+
+TODO(scaffold): the math both backends compute the same way (the forward of a tile, the
+VJP's formula), as jnp functions of tiles that each backend's kernels call, so the
+derivation is written once; and the constants they share.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-
-import jax
-import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
 from fusedvjp.kernels import _common
 
@@ -54,91 +100,158 @@ class {camel}BlockSizes:
 
     @classmethod
     def default(cls, rows: int, cols: int, dtype, backend: str) -> "{camel}BlockSizes":
-        # TODO(scaffold): choose from shape, dtype and backend; a default that was measured
-        # says where (device, dtype, shape, time); one that was not says so.
-        raise NotImplementedError("TODO(scaffold): {camel}BlockSizes.default")
+        """Tiles for an ``[rows, cols]`` input in ``dtype`` on ``backend``: a measured entry
+        of the tuning table (``kernels/tuning.json``, see ``_common.tuned_block_sizes``)
+        if there is one, else the backend module's ``default_block_sizes``."""
+        tuned = _common.tuned_block_sizes(cls, "{name}", (rows, cols), dtype, backend)
+        if tuned is not None:
+            return tuned
+        module = _backend_module(backend)
+        if module is None:
+            raise ValueError(f"{name} has no kernels for backend {{backend!r}}")
+        return module.default_block_sizes(rows, cols, dtype)
 
     def check(self, rows: int, cols: int, backend: str) -> None:
         """Raises ValueError, naming the values, if this tile breaks ``backend``'s rules."""
-        # TODO(scaffold): Triton: powers of two (dot dims >= 16), shared memory in budget;
-        # mosaic_tpu: multiples of (8, 128) or the whole dimension.
-        raise NotImplementedError("TODO(scaffold): {camel}BlockSizes.check")
+        module = _backend_module(backend)
+        if module is not None:  # no kernels for that backend: nothing to check, nothing runs
+            module.check_block_sizes(self, rows, cols)
 
 
-def _check_args({arrays}) -> None:
-    # TODO(scaffold): raise NotImplementedError(reason) for a case the kernels cannot
-    # serve (a dtype, a size past a VMEM budget); the op then falls back to jnp under
-    # impl="auto", and impl="pallas" gets the error.
-    pass
+def _backend_module(backend: str):
+    """``backend``'s module, or None for a backend of the project (``_common.BACKENDS``)
+    that {name} has no kernels for. Imported here, on use: each backend module imports
+    this one."""
+    if backend == "triton":
+        from fusedvjp.kernels.{name} import triton
+
+        return triton
+    if backend == "mosaic_tpu":
+        from fusedvjp.kernels.{name} import mosaic_tpu
+
+        return mosaic_tpu
+    _common.check_backend(backend)
+    return None
+'''
+
+KERNEL_TRITON_TEMPLATE = '''"""{name} kernels for GPUs through the Pallas Triton lowering (any CUDA or ROCm GPU).
+
+Blocks are powers of two and dot dims >= 16: mask the tails, never ask callers to pad.
+Out-of-range reads hold garbage (NaN in interpret mode): mask loads (plgpu.load(...,
+mask=, other=)), then jnp.where(valid, x, fill) -- -inf before a max, 0 before a sum or
+dot. Never multiply by a mask.
+
+TODO(scaffold): this backend's tiling: the grid axes, any in-kernel loop over the
+reduction axis, and how the tails are masked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from fusedvjp.kernels import _common
+from fusedvjp.kernels.{name}.common import {camel}BlockSizes
 
 
-# --- Triton (GPU) ----------------------------------------------------------------------
-# Blocks are powers of two and dot dims >= 16: mask the tails, never ask callers to pad.
-# Out-of-range reads hold garbage (NaN in interpret mode): mask loads (plgpu.load(...,
-# mask=, other=)), then jnp.where(valid, x, fill) -- -inf before a max, 0 before a sum or
-# dot. Never multiply by a mask.
+def default_block_sizes(rows: int, cols: int, dtype) -> {camel}BlockSizes:
+    # TODO(scaffold): choose from shape and dtype; a default that was measured says where
+    # (device, dtype, shape, time); one that was not says so.
+    raise NotImplementedError("TODO(scaffold): {name} default_block_sizes (Triton)")
 
 
-def _fwd_kernel_triton({refs_in}, o_ref, *residual_refs{kopts}):
+def check_block_sizes(bs: {camel}BlockSizes, rows: int, cols: int) -> None:
+    """Raises ValueError, naming the values, if ``bs`` breaks Triton's rules."""
+    # TODO(scaffold): powers of two (dot dims >= 16), shared memory in budget.
+    raise NotImplementedError("TODO(scaffold): {name} check_block_sizes (Triton)")
+
+
+def _fwd_kernel({refs_in}, o_ref, *residual_refs{kopts}):
     """TODO(scaffold): block shapes and grid axes, at most three lines."""
     raise NotImplementedError("TODO(scaffold): {name} forward kernel (Triton)")
 
 
-def _bwd_kernel_triton({refs_in}, *refs{kopts}):
+def _bwd_kernel({refs_in}, *refs{kopts}):
     """TODO(scaffold): block shapes and grid axes."""
     raise NotImplementedError("TODO(scaffold): {name} backward kernel (Triton)")
 
 
-def _fwd_triton({arrays}, *, interpret, block_sizes{lopts}):
-    # TODO(scaffold): pl.pallas_call(_fwd_kernel_triton, grid=..., in_specs=..., out_specs=...,
+def fwd({arrays}, *{lsig}, block_sizes, interpret):
+    # TODO(scaffold): bs = block_sizes or {camel}BlockSizes.default(*x.shape, x.dtype, "triton");
+    #   pl.pallas_call(_fwd_kernel, grid=..., in_specs=..., out_specs=...,
     #   out_shape=[_common.out_struct(...) per output], compiler_params=_common.triton_params(num_warps, num_stages),
     #   interpret=interpret, name="fusedvjp_{name}_fwd"); return (out, residuals).
     raise NotImplementedError("TODO(scaffold): {name} forward launcher (Triton)")
 
 
-def _bwd_triton({arrays}, residuals, g, *, interpret, block_sizes{lopts}):
+def bwd({arrays}, residuals, g, *{lsig}, block_sizes, interpret):
     # TODO(scaffold): name="fusedvjp_{name}_bwd"; return one cotangent per array input.
     raise NotImplementedError("TODO(scaffold): {name} backward launcher (Triton)")
+'''
+
+KERNEL_MOSAIC_TPU_TEMPLATE = '''"""{name} kernels for TPUs through Mosaic TPU.
+
+Grid with the reduction axis last and "arbitrary" (pltpu.CompilerParams(
+dimension_semantics=...)), f32 VMEM scratch (scratch_shapes=[pltpu.VMEM(...)]) carried
+across it. Per-row vectors travel as [N, 1] (TPU blocks are 2-D). An edge block holds
+garbage (NaN in interpret mode): zero the reduction axis' tail with jnp.where before a
+dot or sum. Every platform's branch returns the same shapes: finish any partial
+reductions inside the branch.
+
+TODO(scaffold): this backend's tiling: the grid axes, the blocks, which scratch carries
+what across the reduction axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from fusedvjp.kernels import _common
+from fusedvjp.kernels.{name}.common import {camel}BlockSizes
 
 
-# --- Mosaic TPU ------------------------------------------------------------------------
-# Grid with the reduction axis last and "arbitrary" (pltpu.CompilerParams(
-# dimension_semantics=...)), f32 VMEM scratch (scratch_shapes=[pltpu.VMEM(...)]) carried
-# across it. Per-row vectors travel as [N, 1] (TPU blocks are 2-D). Every platform's
-# branch returns the same shapes: finish any partial reductions inside the branch.
+def default_block_sizes(rows: int, cols: int, dtype) -> {camel}BlockSizes:
+    # TODO(scaffold): choose from shape and dtype within the VMEM budget; a default that
+    # was measured says where (device, dtype, shape, time); one that was not says so.
+    raise NotImplementedError("TODO(scaffold): {name} default_block_sizes (Mosaic TPU)")
 
 
-def _fwd_tpu({arrays}, *, interpret, block_sizes{lopts}):
-    # TODO(scaffold): as _fwd_triton, with interpret=_common.tpu_interpret(interpret).
+def check_block_sizes(bs: {camel}BlockSizes, rows: int, cols: int) -> None:
+    """Raises ValueError, naming the values, if ``bs`` breaks Mosaic TPU's rules."""
+    # TODO(scaffold): last two block dims multiples of (8, 128) or the whole dimension.
+    raise NotImplementedError("TODO(scaffold): {name} check_block_sizes (Mosaic TPU)")
+
+
+def _fwd_kernel({refs_in}, o_ref, *refs{kopts}):
+    """TODO(scaffold): block shapes and grid axes, at most three lines."""
+    raise NotImplementedError("TODO(scaffold): {name} forward kernel (Mosaic TPU)")
+
+
+def _bwd_kernel({refs_in}, *refs{kopts}):
+    """TODO(scaffold): block shapes and grid axes."""
+    raise NotImplementedError("TODO(scaffold): {name} backward kernel (Mosaic TPU)")
+
+
+def fwd({arrays}, *{lsig}, block_sizes, interpret):
+    # TODO(scaffold): as triton.fwd, with BlockSpecs, pltpu.CompilerParams(dimension_semantics=...),
+    #   interpret=_common.tpu_interpret(interpret) and name="fusedvjp_{name}_fwd".
     raise NotImplementedError("TODO(scaffold): {name} forward launcher (Mosaic TPU)")
 
 
-def _bwd_tpu({arrays}, residuals, g, *, interpret, block_sizes{lopts}):
+def bwd({arrays}, residuals, g, *{lsig}, block_sizes, interpret):
+    # TODO(scaffold): name="fusedvjp_{name}_bwd"; return one cotangent per array input.
     raise NotImplementedError("TODO(scaffold): {name} backward launcher (Mosaic TPU)")
-
-
-# --- launchers -------------------------------------------------------------------------
-
-
-def {name}_fwd({arrays}, *{lsig}, backend=None, block_sizes=None):
-    """Returns ``(out, residuals)``. TODO(scaffold): shapes and dtypes of each."""
-    _check_args({arrays})
-    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape)
-    impls = {{
-        "triton": functools.partial(_fwd_triton, block_sizes=block_sizes{lpass}),
-        "mosaic_tpu": functools.partial(_fwd_tpu, block_sizes=block_sizes{lpass}),
-    }}
-    return _common.platform_dispatch(impls, {arrays}, backend=backend, op_name="{name}")
-
-
-def {name}_bwd({arrays}, residuals, g, *{lsig}, backend=None, block_sizes=None):
-    """Returns one cotangent per array input of the forward."""
-    _common.check_block_sizes(block_sizes, {camel}BlockSizes, backend, *x.shape)
-    impls = {{
-        "triton": functools.partial(_bwd_triton, block_sizes=block_sizes{lpass}),
-        "mosaic_tpu": functools.partial(_bwd_tpu, block_sizes=block_sizes{lpass}),
-    }}
-    return _common.platform_dispatch(impls, {arrays}, residuals, g, backend=backend, op_name="{name}")
 '''
 
 OPS_TEMPLATE = '''"""{name}, with a hand-written VJP.
@@ -314,9 +427,9 @@ def test_kernels_with_ragged_tails(backend, rng):
     args = spec.make_inputs(rng, (37, 300), jnp.float32)
     # TODO(scaffold): block sizes legal for this backend that do not divide (37, 300).
     block_sizes = kernels.{camel}BlockSizes(block_rows=8, block_cols=128)
-    out, residuals = kernels.{name}_fwd(*args, backend=backend, block_sizes=block_sizes)
+    out, residuals = kernels.{name}_fwd(*args{kdefaults}, backend=backend, block_sizes=block_sizes)
     g = randn(rng, out.shape, out.dtype)
-    grads = kernels.{name}_bwd(*args, residuals, g, backend=backend, block_sizes=block_sizes)
+    grads = kernels.{name}_bwd(*args, residuals, g{kdefaults}, backend=backend, block_sizes=block_sizes)
 
     def ref(a, g):
         o, f = jax.vjp(spec.reference, *a)
@@ -382,6 +495,10 @@ __all__ += ["{name}", "{name}_reference"]
 '''
 
 
+# Names the templates use for their own arguments: an op's inputs and options must differ.
+RESERVED = frozenset({"x", "impl", "g", "residuals", "backend", "block_sizes", "interpret"})
+
+
 def camel_case(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
@@ -397,13 +514,13 @@ def _fragments(name: str, params: list[str], options: dict[str, str]) -> dict[st
         arrays=arrays,
         refs_in=", ".join(f"{a}_ref" for a in ["x", *params]),
         kopts="".join(f", {o}" for o in opt_names),
-        lopts="".join(f", {o}" for o in opt_names),
         lsig="".join(f", {o}" for o in opt_names),
         lpass="".join(f", {o}={o}" for o in opt_names),
         kpass="".join(f", {o}={o}" for o in opt_names),
         kwsig=(", *, " + ", ".join(opt_names)) if opt_names else "",
         rsig="".join(f", *, {o}={d}" if i == 0 else f", {o}={d}" for i, (o, d) in enumerate(options.items())),
         rpass="".join(f", {o}={o}" for o in opt_names),
+        kdefaults="".join(f", {o}={d}" for o, d in options.items()),
         psig="".join(f", {o}={d}" for o, d in options.items()),
         opt_args="".join(f"{o}, " for o in opt_names),
         nondiff=repr(tuple(range(n_arrays, n_arrays + len(opt_names) + 1))),
@@ -440,20 +557,28 @@ def scaffold(name: str, root: pathlib.Path, params: list[str] = (), options: dic
     for ident in [name, *params, *options]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", ident) or keyword.iskeyword(ident):
             raise ValueError(f"names must be lowercase Python identifiers, got {ident!r}")
-    if len({name, "x", "impl", *params, *options}) != 3 + len(params) + len(options):
-        raise ValueError(f"names must differ from each other and from 'x' and 'impl': {[name, *params, *options]}")
+    if len({name, *params, *options}) != 1 + len(params) + len(options) or RESERVED & {name, *params, *options}:
+        raise ValueError(
+            f"names must differ from each other and from {sorted(RESERVED)}: {[name, *params, *options]}"
+        )
+    package = root / "kernels" / name
     files = {
-        root / "kernels" / f"{name}.py": KERNEL_TEMPLATE,
+        package / "__init__.py": KERNEL_INIT_TEMPLATE,
+        package / "common.py": KERNEL_COMMON_TEMPLATE,
+        package / "triton.py": KERNEL_TRITON_TEMPLATE,
+        package / "mosaic_tpu.py": KERNEL_MOSAIC_TPU_TEMPLATE,
         root / "ops" / f"{name}.py": OPS_TEMPLATE,
         root / "tests" / f"test_ops_{name}.py": TEST_TEMPLATE,
     }
-    for path in files:
+    # A one-file kernel module of that name (the old layout) would clash with the package.
+    for path in (package, root / "kernels" / f"{name}.py", *files):
         if path.exists():
             raise FileExistsError(f"{path} exists; refusing to overwrite it")
     registry, init = root / "ops" / "registry.py", root / "ops" / "__init__.py"
     if f'name="{name}"' in registry.read_text():
         raise FileExistsError(f"{registry} already registers {name!r}")
     fragments = _fragments(name, list(params), options)
+    package.mkdir()
     for path, template in files.items():
         path.write_text(template.format(**fragments))
     with registry.open("a") as f:
@@ -478,7 +603,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     for path in touched:
         print(f"wrote {path}")
-    print("next: grep -n 'TODO(scaffold)' on those files; docs/adding-an-op.md walks through them")
+    print("next: grep -rn 'TODO(scaffold)' on those files; docs/adding-an-op.md walks through them")
+    print(f'and add "fusedvjp.kernels.{args.name}" to [tool.setuptools] packages in pyproject.toml')
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Plumbing shared by every kernel file: which implementation runs on which platform.
 
-A *backend* is one way to compile a Pallas kernel (``"triton"`` for GPUs through the
-Pallas Triton lowering, ``"mosaic_tpu"`` for TPUs). Each kernel file provides one
+A *backend* is one way to compile a Pallas kernel (``"mosaic_gpu"`` for Hopper GPUs
+through Mosaic GPU, ``"triton"`` for any GPU through the Pallas Triton lowering,
+``"mosaic_tpu"`` for TPUs). Each kernel file provides one
 implementation per backend it supports, as a function ``fn(*arrays, interpret: bool)``
 that raises ``NotImplementedError(reason)`` at trace time for a case it cannot serve.
 :func:`platform_dispatch` turns such a table into one traced function with a branch
@@ -10,8 +11,9 @@ platform actually lowered for -- not ``jax.default_backend()`` -- and lowering f
 abstract H100 or TPU on a CPU-only machine really lowers the compiled kernel. On CPU
 the kernels run in interpret mode; that is how the tests exercise them.
 
-Adding a backend (e.g. Mosaic GPU) is one more entry in :data:`BACKENDS` and one more
-implementation in the kernel file's table.
+Adding a backend is one more entry in :data:`BACKENDS` and one more module in an op's
+kernel package (``kernels/<op>/<backend>.py``) and its table. An op need not implement
+every backend: a platform's candidates are the listed backends the op's table has.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Backend:
 # In preference order: for each lowering platform the first backend that lists it
 # and whose implementation accepts the case is used.
 BACKENDS: tuple[Backend, ...] = (
+    # Hopper only, bf16: an implementation refuses other GPUs at trace time (is_hopper).
+    Backend("mosaic_gpu", ("cuda",)),
     Backend("triton", ("cuda", "rocm")),
     Backend("mosaic_tpu", ("tpu",)),
 )
@@ -55,6 +59,22 @@ DEFAULT_INTERPRET_BACKEND = "triton"
 # outputs created replicated), while the TPU interpreter simulates devices under
 # shard_map and does.
 MANUAL_INTERPRET_BACKEND = "mosaic_tpu"
+
+
+_DISABLED: contextvars.ContextVar = contextvars.ContextVar("fusedvjp_disabled_backends", default=frozenset())
+
+
+@contextlib.contextmanager
+def disabled_backends(*names: str) -> Iterator[None]:
+    """While active, ``backend=None`` dispatch skips these backends: e.g. the Triton sweep
+    on an H100 (where Mosaic GPU would otherwise take the bf16 dense cases)."""
+    for name in names:
+        check_backend(name)
+    token = _DISABLED.set(_DISABLED.get() | frozenset(names))
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
 
 
 def check_backend(backend: str | None) -> None:
@@ -115,7 +135,7 @@ def platform_dispatch(
         elif backend is not None:
             names = [backend]
         else:
-            names = [b.name for b in BACKENDS if platform in b.platforms]
+            names = [b.name for b in BACKENDS if platform in b.platforms and b.name not in _DISABLED.get()]
         return [n for n in names if n in impls]
 
     mat = _manual_axis_type(args)
@@ -259,16 +279,17 @@ def validate_block_fields(obj: Any, fields: tuple[str, ...]) -> None:
         raise ValueError(f"{cls}.num_warps must be a power of two, got {warps}")
 
 
-def check_block_sizes(block_sizes: Any, cls: type, backend: str | None, *dims: int) -> None:
+def check_block_sizes(block_sizes: Any, cls: type, backend: str | None, *dims: int,
+                      backends: tuple[str, ...] = ("triton", "mosaic_tpu")) -> None:
     """Checks explicit block sizes (a ``cls`` with ``check(*dims, backend_name)``) against
     the backends they will be traced for: ``backend=None`` traces a branch per lowering
-    platform, so the tile must suit every backend."""
+    platform, so the tile must suit every backend the op has (``backends``)."""
     if block_sizes is None:
         return
     if not isinstance(block_sizes, cls):
         raise TypeError(f"block_sizes must be a {cls.__name__} or None, got {block_sizes!r}")
     check_backend(backend)
-    for name in (backend,) if backend else BACKEND_NAMES:
+    for name in (backend,) if backend else backends:
         block_sizes.check(*dims, name)
 
 
@@ -327,6 +348,26 @@ def device_kind() -> str:
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
     kind = getattr(device, "device_kind", None)
     return str(kind) if kind else str(jax.devices()[0].device_kind)
+
+
+# NVIDIA Hopper (sm_90) parts, by device kind: what the Mosaic GPU kernels (TMA, wgmma)
+# are written for.
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def is_hopper() -> bool:
+    """Whether the GPU being traced for (an abstract mesh's device, else the default
+    device) is a Hopper. False when no GPU is known, e.g. lowering for "cuda" from a
+    CPU without an abstract mesh: then only the portable backends are candidates."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is None:
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)
+        if capability is not None:
+            return str(capability).startswith("9.")
+    return device.platform == "gpu" and any(k in str(device.device_kind) for k in HOPPER_KINDS)
 
 
 @dataclasses.dataclass

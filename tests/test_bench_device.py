@@ -279,14 +279,16 @@ def _table(tmp_path, monkeypatch, entries) -> pathlib.Path:
 def test_default_reads_the_table_first(tmp_path, monkeypatch):
     heuristic = DenseBlockSizes.default(128, 512, 784, jnp.float32, "triton")
     tuned = {"block_m": 32, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 2}
-    key = _common.tuning_key("dense", (128, 512, 784), jnp.float32, "triton")
-    assert key == "dense/triton/float32/128x512x1024"
+    key = _common.tuning_key("dense_fwd", (128, 512, 784), jnp.float32, "triton")
+    assert key == "dense_fwd/triton/float32/128x512x1024"
     _table(tmp_path, monkeypatch, {"cpu": {key: {"config": tuned, "evidence": {"ms": 1.0}}}})
     assert dataclasses.asdict(DenseBlockSizes.default(128, 512, 784, jnp.float32, "triton")) == tuned
     assert DenseBlockSizes.default(100, 300, 700, jnp.float32, "triton") == DenseBlockSizes(**tuned), "same bucket"
     assert DenseBlockSizes.default(128, 512, 784, jnp.bfloat16, "triton") != DenseBlockSizes(**tuned)
-    assert _common.tuning_entry("dense", (128, 512, 784), jnp.float32, "triton")["evidence"] == {"ms": 1.0}
-    with _common.tuning_session({("dense", "triton"): None}) as session:  # the sweep's bypass
+    # Each dense kernel has its own key: the dx kernel's tiles are not the forward's.
+    assert DenseBlockSizes.default(128, 512, 784, jnp.float32, "triton", "dx") != DenseBlockSizes(**tuned)
+    assert _common.tuning_entry("dense_fwd", (128, 512, 784), jnp.float32, "triton")["evidence"] == {"ms": 1.0}
+    with _common.tuning_session({("dense_fwd", "triton"): None}) as session:  # the sweep's bypass
         assert DenseBlockSizes.default(128, 512, 784, jnp.float32, "triton") == heuristic
     assert session.lookups[0]["source"] == "heuristic" and session.lookups[0]["key"] == key
     monkeypatch.delenv(_common.TUNING_ENV)
@@ -341,7 +343,9 @@ def test_the_packaged_table_is_valid():
 def test_probe_and_neighbours():
     case = cases_lib.Case("dense", (128, 512, 10), "f32", "fwd+bwd")
     bucket = sweep.probe(case)
-    assert bucket.key == "dense/triton/float32/128x16x512" and bucket.dims == (128, 10, 512)
+    assert bucket.key == "dense_fwd/triton/float32/128x16x512" and bucket.dims == (128, 10, 512)
+    dw_bucket = sweep.probe(case, sweep.KERNELS_OF_OP["dense"][2])
+    assert dw_bucket.key == "dense_dw/triton/float32/128x16x512" and dw_bucket.heuristic.block_m == 16
     cands = sweep.neighbours(bucket)
     assert cands[0] == bucket.heuristic and len(cands) == len(set(cands)) > 3
     base = dataclasses.asdict(bucket.heuristic)

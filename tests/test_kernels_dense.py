@@ -21,8 +21,9 @@ from conftest import (
     lowered_kernel_names,
     randn,
 )
-from fusedvjp.kernels import dense as kd
-from fusedvjp.kernels.dense import DenseBlockSizes, dense_bwd, dense_fwd
+from fusedvjp.kernels.dense import DenseBackwardBlockSizes, DenseBlockSizes, dense_bwd, dense_fwd
+from fusedvjp.kernels.dense import mosaic_tpu as kd_tpu
+from fusedvjp.kernels.dense import triton as kd_triton
 
 BACKENDS = ("triton", "mosaic_tpu")
 # (M, K, N): the MNIST MLP's two layers, then shapes no block divides.
@@ -267,15 +268,17 @@ def test_launchers_reject_bad_arguments():
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape", [*SHAPES.values(), (8192, 4096, 4096)])
-def test_default_block_sizes_are_legal(shape, dtype_name):
+@pytest.mark.parametrize("kernel", ["fwd", "dx", "dw"])
+def test_default_block_sizes_are_legal(shape, dtype_name, kernel):
     m, k, n = shape
     dtype = DTYPES[dtype_name]
-    triton = DenseBlockSizes.default(m, n, k, dtype, "triton")
-    kd._check_triton(triton, dtype)  # powers of two >= 16, within H100 shared memory
+    triton = DenseBlockSizes.default(m, n, k, dtype, "triton", kernel)
+    # powers of two >= 16, within H100 shared memory on either backward path
+    kd_triton.check_block_sizes(triton, dtype, kernel, prologue=kernel != "fwd")
     for block, size in ((triton.block_m, m), (triton.block_n, n), (triton.block_k, k)):
-        assert block <= max(kd.TRITON_MIN_BLOCK, 2 * size), (triton, shape)  # clamped to the problem
-    tpu = DenseBlockSizes.default(m, n, k, dtype, "mosaic_tpu")
-    kd._check_tpu(tpu, m, n, k)
+        assert block <= max(kd_triton.MIN_BLOCK, 2 * size), (triton, shape)  # clamped to the problem
+    tpu = DenseBlockSizes.default(m, n, k, dtype, "mosaic_tpu", kernel)
+    kd_tpu.check_block_sizes(tpu, m, n, k)
 
 
 def test_explicit_blocks_must_suit_every_backend_when_unforced():
@@ -294,26 +297,38 @@ def test_explicit_blocks_must_suit_every_backend_when_unforced():
 # --- lowering for an abstract H100 and TPU ----------------------------------------------
 
 # Every kernel a forward + backward must call, by its `name=`.
-DENSE_KERNELS = ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db")
+DENSE_KERNELS = ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw")
+# The Triton backward writes dz once at these shapes (triton.use_dz_pass); TPU recomputes it.
+DZ_PASS_KERNEL = {"cuda": ("fusedvjp_dense_bwd_dz",), "tpu": ()}
 LOWERING_CASES = {
-    "mnist_hidden_f32": ((128, 784, 512), jnp.float32, True, "tanh"),
-    "mnist_logits_f32": ((128, 512, 10), jnp.float32, False, None),
-    "llm_bf16": ((8192, 4096, 4096), jnp.bfloat16, True, "tanh"),
+    "mnist_hidden_f32": ((128, 784, 512), jnp.float32, True, "tanh", None),
+    "mnist_logits_f32": ((128, 512, 10), jnp.float32, False, None, None),
+    "llm_bf16": ((8192, 4096, 4096), jnp.bfloat16, True, "tanh", None),
+    "llm_bf16_triton": ((8192, 4096, 4096), jnp.bfloat16, True, "tanh", "triton"),
 }
+# On an H100, bf16 shapes of whole TMA tiles go to the Mosaic GPU kernels (first in
+# _common.BACKENDS); their dz pass is an XLA fusion.
+MGPU_KERNELS = ("fusedvjp_dense_fwd_mgpu", "fusedvjp_dense_bwd_dx_mgpu", "fusedvjp_dense_bwd_dw_mgpu")
 
 
 @pytest.mark.parametrize("case", LOWERING_CASES.values(), ids=LOWERING_CASES.keys())
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_to_compiled_kernels(platform, case):
-    (m, k, n), dtype, has_bias, activation = case
+    (m, k, n), dtype, has_bias, activation, backend = case
+    if backend is not None and platform != "cuda":
+        pytest.skip("a GPU backend")
 
     def fwd_and_bwd(x, w, b, g):
-        a = dense_fwd(x, w, b if has_bias else None, activation=activation)
-        return a, dense_bwd(x, w, a, g, has_bias=has_bias, activation=activation)
+        a = dense_fwd(x, w, b if has_bias else None, activation=activation, backend=backend)
+        return a, dense_bwd(x, w, a, g, has_bias=has_bias, activation=activation, backend=backend)
 
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     text = lower_for(platform, fwd_and_bwd, spec(m, k), spec(k, n), spec(n), spec(m, n))
-    assert_kernels_lowered(text, platform, DENSE_KERNELS)
+    if platform == "cuda" and dtype == jnp.bfloat16 and backend is None:
+        assert lowered_kernel_names(text, platform) == [], "no Triton kernel when Mosaic GPU serves the case"
+        assert text.count("mosaic_gpu_v2") == 3 and all(name in text for name in MGPU_KERNELS)
+        return
+    assert_kernels_lowered(text, platform, DENSE_KERNELS + (DZ_PASS_KERNEL[platform] if has_bias or activation else ()))
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
@@ -329,5 +344,59 @@ def test_lowering_check_names_each_kernel(platform):
     text = lower_for(platform, three_forwards, spec(128, 784), spec(784, 512), spec(512))
     assert text.count(KERNEL_CUSTOM_CALL[platform]) >= 3  # what the old check counted
     assert lowered_kernel_names(text, platform) == ["fusedvjp_dense_fwd"] * 3
-    with pytest.raises(AssertionError, match=r"missing \['fusedvjp_dense_bwd_dx', 'fusedvjp_dense_bwd_dw_db'\]"):
+    with pytest.raises(AssertionError, match=r"missing \['fusedvjp_dense_bwd_dx', 'fusedvjp_dense_bwd_dw'\]"):
         assert_kernels_lowered(text, platform, DENSE_KERNELS)
+
+
+# --- the Triton backward's two ways to form dz ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize(("has_bias", "activation"), [(True, "tanh"), (True, None), (False, "tanh")],
+                         ids=["bias_tanh", "bias_plain", "tanh"])
+@pytest.mark.parametrize("block_k", [16, 256], ids=["dz_pass", "recompute"])
+def test_triton_backward_both_dz_paths(rng, dtype_name, has_bias, activation, block_k):
+    # K = 130 in 16-wide steps: 9 + 9 programs per slab, so dz (and db) is written once
+    # by the pass; in one 256-wide step the dx and dW kernels recompute it in their
+    # prologue (and the dW kernel sums db). Per-kernel tiles differ on purpose.
+    m, k, n = SHAPES["ragged_all"]
+    dtype = DTYPES[dtype_name]
+    bwd = DenseBackwardBlockSizes(DenseBlockSizes(16, 64, block_k), DenseBlockSizes(32, 32, block_k))
+    assert kd_triton.use_dz_pass(m, n, k, bwd, activation is not None, has_bias) == (block_k == 16)
+    x, w, b, g = _inputs(rng, m, k, n, dtype, has_bias)
+
+    @jax.jit
+    def run(x, w, b, g):
+        a = dense_fwd(x, w, b, activation=activation, backend="triton", block_sizes=DenseBlockSizes(32, 16, 64))
+        return a, dense_bwd(x, w, a, g, has_bias=b is not None, activation=activation, backend="triton",
+                            block_sizes=bwd)
+
+    _check_against_oracle(run(x, w, b, g), x, w, b, g, activation, dtype)
+
+
+def test_dz_pass_choice_counts_programs():
+    tiles = lambda bk: DenseBackwardBlockSizes(DenseBlockSizes(64, 64, bk), DenseBlockSizes(64, 64, bk))  # noqa: E731
+    # tanh: the pass when the dx and dW kernels have more than 3 programs per slab in all.
+    assert kd_triton.use_dz_pass(128, 512, 784, tiles(64), has_act=True, has_bias=True)  # 13 + 13
+    assert kd_triton.use_dz_pass(128, 512, 100, tiles(64), has_act=True, has_bias=True)  # 2 + 2 > 3
+    assert not kd_triton.use_dz_pass(128, 512, 64, tiles(64), has_act=True, has_bias=False)  # 1 + 1
+    # no activation: only db could need it, once the dW kernel has 2+ programs per column.
+    assert kd_triton.use_dz_pass(128, 512, 784, tiles(64), has_act=False, has_bias=True)
+    assert not kd_triton.use_dz_pass(128, 512, 784, tiles(64), has_act=False, has_bias=False)
+    assert not kd_triton.use_dz_pass(128, 512, 64, tiles(64), has_act=False, has_bias=True)
+
+
+def test_disabled_backends_hand_hopper_cases_to_triton():
+    # What the Triton sweep does on an H100: without Mosaic GPU the bf16 case is Triton's.
+    from fusedvjp.kernels import _common
+
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    fwd = lambda x, w: dense_fwd(x, w, None, activation="tanh")  # noqa: E731
+    assert "fusedvjp_dense_fwd_mgpu" in lower_for("cuda", fwd, spec(256, 128), spec(128, 256))
+    with _common.disabled_backends("mosaic_gpu"):
+        jax.clear_caches()  # the backend is chosen at trace time; a cached trace would keep it
+        text = lower_for("cuda", fwd, spec(256, 128), spec(128, 256))
+    assert lowered_kernel_names(text, "cuda") == ["fusedvjp_dense_fwd"] and "mosaic_gpu_v2" not in text
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        with _common.disabled_backends("cuda"):
+            pass

@@ -48,8 +48,8 @@ def exact_grads_and_terms(spec, args, g, options):
 # The kernels (their `name=`) the forward and VJP of an op must call. An op not listed
 # follows the scaffold's convention, fusedvjp_<op>_fwd and fusedvjp_<op>_bwd.
 KERNELS = {
-    "dense_tanh": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db"),
-    "dense": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db"),
+    "dense_tanh": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
+    "dense": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
     "softmax_cross_entropy_with_integer_labels": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
     "softmax_cross_entropy": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
 }

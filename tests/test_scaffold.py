@@ -6,10 +6,14 @@ import py_compile
 import shutil
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from conftest import REPO
 from fusedvjp import scaffold
+from fusedvjp.kernels import _common
+
+KERNEL_FILES = ("__init__.py", "common.py", "triton.py", "mosaic_tpu.py")
 
 
 def _tree(tmp_path):
@@ -28,34 +32,103 @@ def _import(path, name, monkeypatch):
     return module
 
 
-def test_writes_skeleton_with_todos(tmp_path, monkeypatch):
+@pytest.fixture
+def import_kernels():
+    """Imports a generated kernel package under its real name, ``fusedvjp.kernels.<op>``
+    (its modules import each other by it), and forgets it and its modules afterwards."""
+    imported = []
+
+    def load(root, op):
+        name = f"fusedvjp.kernels.{op}"
+        package = root / "kernels" / op
+        spec = importlib.util.spec_from_file_location(
+            name, package / "__init__.py", submodule_search_locations=[str(package)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        imported.append(name)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # imports common, triton, mosaic_tpu from `package`
+        return module
+
+    yield load
+    for name in imported:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def test_writes_skeleton_with_todos(tmp_path, monkeypatch, import_kernels):
     root = _tree(tmp_path)
     touched = scaffold.scaffold("my_op", root, ["scale", "bias"], {"eps": "1e-6"})
-    assert {p.name for p in touched} == {"my_op.py", "test_ops_my_op.py", "registry.py", "__init__.py"}
+    assert {p.relative_to(root).as_posix() for p in touched} == {
+        *(f"kernels/my_op/{f}" for f in KERNEL_FILES),
+        "ops/my_op.py", "tests/test_ops_my_op.py", "ops/registry.py", "ops/__init__.py",
+    }
     for path in touched:
         py_compile.compile(str(path), doraise=True)
-        if path.name != "registry.py" and path.name != "__init__.py":
+        if path.relative_to(root).as_posix() not in ("ops/registry.py", "ops/__init__.py"):
             assert "TODO(scaffold)" in path.read_text(), path
     ops_mod = _import(root / "ops" / "my_op.py", "scaffolded_ops_my_op", monkeypatch)
     sig = inspect.signature(ops_mod.my_op)
     assert list(sig.parameters) == ["x", "scale", "bias", "eps", "impl"]
     assert sig.parameters["eps"].default == 1e-6 and sig.parameters["impl"].default == "auto"
-    kernels_mod = _import(root / "kernels" / "my_op.py", "scaffolded_kernels_my_op", monkeypatch)
+
+    kernels_mod = import_kernels(root, "my_op")
     assert list(inspect.signature(kernels_mod.my_op_fwd).parameters) == [
         "x", "scale", "bias", "eps", "backend", "block_sizes"]
+    assert list(inspect.signature(kernels_mod.my_op_bwd).parameters) == [
+        "x", "scale", "bias", "residuals", "g", "eps", "backend", "block_sizes"]
     with pytest.raises(ValueError, match="must be a positive int, got 0"):
         kernels_mod.MyOpBlockSizes(block_rows=0, block_cols=128)
+    # One module per backend, each in the table platform_dispatch chooses from, with one
+    # launcher signature; the block sizes live in common.py, shared by all.
+    assert list(kernels_mod._BACKENDS) == ["triton", "mosaic_tpu"]
+    assert set(kernels_mod._BACKENDS) <= set(_common.BACKEND_NAMES)
+    for backend, module in kernels_mod._BACKENDS.items():
+        assert module.__name__ == f"fusedvjp.kernels.my_op.{backend}"
+        assert module.MyOpBlockSizes is kernels_mod.MyOpBlockSizes
+        assert list(inspect.signature(module.fwd).parameters) == [
+            "x", "scale", "bias", "eps", "block_sizes", "interpret"]
+        assert list(inspect.signature(module.bwd).parameters) == [
+            "x", "scale", "bias", "residuals", "g", "eps", "block_sizes", "interpret"]
+        assert callable(module.default_block_sizes) and callable(module.check_block_sizes)
+        assert 'name="fusedvjp_my_op_fwd"' in (root / "kernels" / "my_op" / f"{backend}.py").read_text()
     registry = (root / "ops" / "registry.py").read_text()
     assert 'name="my_op"' in registry and "diff_argnums=(0, 1, 2)" in registry and '"eps": 1e-6' in registry
     assert "from fusedvjp.ops.my_op import my_op" in (root / "ops" / "__init__.py").read_text()
+    # The kernel test calls the launchers with the options (they are keyword-only there).
+    assert "my_op_fwd(*args, eps=1e-6, backend=backend" in (root / "tests" / "test_ops_my_op.py").read_text()
 
 
-def test_placeholders_raise_rather_than_pass(tmp_path, monkeypatch):
+def test_placeholders_raise_rather_than_pass(tmp_path, monkeypatch, import_kernels):
     root = _tree(tmp_path)
     scaffold.scaffold("my_op", root)
     ops_mod = _import(root / "ops" / "my_op.py", "scaffolded_ops_my_op2", monkeypatch)
     with pytest.raises(NotImplementedError, match="TODO"):
         ops_mod.my_op_reference(None)
+    kernels_mod = import_kernels(root, "my_op")
+    block_sizes = kernels_mod.MyOpBlockSizes
+    # default() and check() reach each backend module's placeholders.
+    with pytest.raises(NotImplementedError, match=r"TODO\(scaffold\): my_op default_block_sizes \(Triton\)"):
+        block_sizes.default(37, 300, jnp.float32, "triton")
+    with pytest.raises(NotImplementedError, match=r"TODO\(scaffold\): my_op check_block_sizes \(Mosaic TPU\)"):
+        block_sizes(block_rows=8, block_cols=128).check(37, 300, "mosaic_tpu")
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        block_sizes(block_rows=8, block_cols=128).check(37, 300, "cuda")
+    # The launchers go through platform_dispatch to each backend's placeholder launcher.
+    x = jnp.ones((4, 8), jnp.float32)
+    for backend, which in ((None, "Triton"), ("triton", "Triton"), ("mosaic_tpu", "Mosaic TPU")):
+        with pytest.raises(NotImplementedError, match=rf"TODO\(scaffold\): my_op forward launcher \({which}\)"):
+            kernels_mod.my_op_fwd(x, backend=backend)
+    with pytest.raises(NotImplementedError, match=r"TODO\(scaffold\): my_op backward launcher \(Mosaic TPU\)"):
+        kernels_mod.my_op_bwd(x, (), x, backend="mosaic_tpu")
+    # Explicit tiles are checked against each of the op's backends before tracing; a
+    # project backend the op has no kernels for has nothing to check, and no kernel.
+    tiles = block_sizes(block_rows=8, block_cols=128)
+    with pytest.raises(NotImplementedError, match=r"TODO\(scaffold\): my_op check_block_sizes \(Triton\)"):
+        kernels_mod.my_op_fwd(x, block_sizes=tiles)
+    for other in set(_common.BACKEND_NAMES) - set(kernels_mod._BACKENDS):  # mosaic_gpu
+        with pytest.raises(NotImplementedError, match=f"my_op: no implementation for backend '{other}'"):
+            kernels_mod.my_op_fwd(x, backend=other, block_sizes=tiles)
 
 
 def test_refuses_bad_names_and_overwrites(tmp_path):
@@ -64,10 +137,16 @@ def test_refuses_bad_names_and_overwrites(tmp_path):
         scaffold.scaffold("My-Op", root)
     with pytest.raises(ValueError, match="must differ"):
         scaffold.scaffold("my_op", root, ["x"])
+    with pytest.raises(ValueError, match="must differ"):
+        scaffold.scaffold("my_op", root, ["g"])  # the launchers' cotangent argument
     with pytest.raises(ValueError, match="NAME=DEFAULT"):
         scaffold._parse_options(["eps"])
     with pytest.raises(FileExistsError, match="already registers 'dense'"):
         scaffold.scaffold("dense", root)
+    (root / "kernels" / "old_op.py").write_text("")  # the one-file layout
+    with pytest.raises(FileExistsError, match="old_op.py exists; refusing"):
+        scaffold.scaffold("old_op", root)
+    assert not (root / "kernels" / "old_op").exists()
     scaffold.scaffold("my_op", root)
-    with pytest.raises(FileExistsError, match="exists; refusing"):
+    with pytest.raises(FileExistsError, match="my_op exists; refusing"):
         scaffold.scaffold("my_op", root)

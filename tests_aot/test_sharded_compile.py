@@ -140,7 +140,7 @@ def mesh_for(target: str, names: tuple[str, ...], sizes: tuple[int, ...], axis_t
 _SHAPE = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.M)
 _KERNEL_CALL = re.compile(r'^\s*(?:ROOT\s+)?%(\S+) = (.*?) custom-call\(.*?custom_call_target="'
-                          r'(__gpu\$xla\.gpu\.triton|tpu_custom_call)"'
+                          r'(__gpu\$xla\.gpu\.triton|tpu_custom_call|mosaic_gpu_v2)"'
                           r'(?:, operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\})?')
 
 
@@ -168,7 +168,7 @@ def summarize(found) -> str:
 
 
 def kernel_calls(hlo: str) -> list[dict]:
-    """Every Pallas kernel call: its names (Triton: the config's ``name``; Mosaic: the
+    """Every Pallas kernel call: its names (Triton: the config's ``name``; Mosaic GPU and TPU: the
     ``fusedvjp_*`` scope in its ``op_name``, else the instruction's name) and the arrays
     of its result and operands."""
     out = []
@@ -176,7 +176,11 @@ def kernel_calls(hlo: str) -> list[dict]:
         m = _KERNEL_CALL.match(line)
         if not m:
             continue
-        if m.group(3) == "tpu_custom_call":
+        if m.group(3) == "mosaic_gpu_v2":
+            # The kernel's own name, in its serialized module (op_name lacks it under
+            # custom_partitioning).
+            names = set(re.findall(r"(fusedvjp_\w+?)_mosaic_gpu", line))
+        elif m.group(3) == "tpu_custom_call":
             names = (re.findall(r"/(fusedvjp_\w+)/pallas_call", line)
                      or re.findall(r"^(fusedvjp_\w+?)(?:\.\d+|$)", m.group(1)))
         else:

@@ -8,6 +8,7 @@ import pytest
 
 from fusedvjp.bench import __main__ as cli
 from fusedvjp.bench import static
+from fusedvjp.kernels import _common
 
 
 def test_gpu_peaks_come_from_xla_target_specs():
@@ -45,25 +46,38 @@ def test_cases_cover_every_op_dtype_and_shape_set():
     assert {c.options for c in xent} == {(), (("label_smoothing", 0.1), ("z_loss", 0.001))}
 
 
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
 @pytest.mark.parametrize("target", ["h100"])
-def test_static_cli_gpu(target, tmp_path, capsys):
+def test_static_cli_gpu(target, backend, tmp_path, capsys, monkeypatch):
+    if backend == "triton":  # what a GPU that is not a Hopper gets
+        monkeypatch.setattr(_common, "is_hopper", lambda: False)
     doc = cli.main(["--static", "--target", target, "--ops", "dense_tanh", "--shapes", "llm", "--dtypes", "bf16",
                     "--out", str(tmp_path)])["targets"][0]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
-    assert "| fusedvjp_dense_bwd_dw_db |" in (tmp_path / "results.md").read_text()
     (rec,) = doc["results"]
     assert rec["status"] == "ok" and not rec["problems"]
     assert rec["bound"] == "compute" and rec["floor_s"] == pytest.approx(3 * 2 * 8192 * 4096 * 4096 / 989e12, rel=0.01)
     # Peak memory: at least x, w, b, g in and a, dx, dw, db out.
     assert rec["memory"]["peak_bytes"] >= 2 * (2 * 8192 * 4096 + 4096 * 4096 + 4096) * 2
     kernels = {k["kernel"]: k for k in rec["kernels"] if k["source"] == "pallas"}
-    assert set(kernels) == {"fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw_db"}
+    suffix = "_mgpu" if backend == "mosaic_gpu" else ""
+    matmuls = tuple(f"fusedvjp_dense_{k}{suffix}" for k in ("fwd", "bwd_dx", "bwd_dw"))
+    # dz is written once at K = 4096: Triton by its own pass kernel, Mosaic GPU by an XLA fusion.
+    assert set(kernels) == {*matmuls, *(("fusedvjp_dense_bwd_dz",) if backend == "triton" else ())}
+    assert f"| {matmuls[2]} |" in (tmp_path / "results.md").read_text()
     for k in kernels.values():
         assert 0 < k["registers"] <= 255 and k["smem_bytes"] > 0 and k["spill_store_bytes"] == 0
-        assert k["wgmma"] > 0, "bf16 dense kernels run on Hopper's wgmma"
-        assert 0 < k["occupancy"] <= 1 and k["waves"] > 0 and k["warps"] == 8
-    assert kernels["fusedvjp_dense_fwd"]["grid"] == [8192 // 128, 4096 // 128, 1]
+        assert 0 < k["occupancy"] <= 1 and k["waves"] > 0
+    for name in matmuls:
+        assert kernels[name]["wgmma"] > 0, "bf16 dense kernels run on Hopper's wgmma"
+        # Issue 12's static target: the reduction loop issues within 1.3x of its wgmma time.
+        assert 0 < kernels[name]["issue_ratio"] <= 1.3, (name, kernels[name]["issue_ratio"])
+    if backend == "triton":  # one program per 128x128 output tile, grouped order on a 1-D grid
+        assert kernels[matmuls[0]]["grid"] == [(8192 // 128) * (4096 // 128), 1, 1]
+        assert all(kernels[name]["warps"] == 8 for name in matmuls)
+    else:  # persistent: one CTA per SM; a memory warpgroup and two compute warpgroups
+        assert all(kernels[name]["grid"] == [132, 1, 1] and kernels[name]["warps"] == 12 for name in matmuls)
     assert "h100: 1 compiles, 0 with problems" in capsys.readouterr().out
 
 

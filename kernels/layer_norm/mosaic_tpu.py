@@ -1,0 +1,143 @@
+"""Layer norm kernels for TPUs through Mosaic TPU.
+
+Blocks of whole rows: x, y, g, dx [block_rows, D]; scale, bias [1, D]; per-row mean and
+rstd travel as [N, 1] (block (block_rows, 1): the last dim is the array's). The ragged
+last row block holds garbage rows (NaN in the TPU interpreter); they only reach output
+rows whose writes are dropped -- except in the backward's column sums, where they are
+set to 0 with jnp.where first.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from fusedvjp.kernels import _common
+from fusedvjp.kernels.layer_norm.common import LayerNormBlockSizes, cost_estimate, finish_column_sums
+
+# Mosaic TPU tiles: a block's last two dims are multiples of (8, 128) or the whole dims.
+SUBLANE = 8
+# Bytes of one f32 [block_rows, D] temporary the default aims for, and the VMEM the
+# backward (the larger kernel) may use in all: double-buffered x, g, dx blocks plus about
+# four f32 temporaries. 12 MiB stays inside v5e's 16 MiB default scoped VMEM.
+TILE_BYTES = 512 * 1024
+VMEM_BUDGET = 12 * 1024 * 1024
+
+
+def default_block_sizes(rows: int, cols: int) -> LayerNormBlockSizes:
+    # Whole rows; as many as fit a TILE_BYTES f32 tile, a multiple of 8, at most 256
+    # (a 256-row block already amortises the ~0.35 us per grid step). Not measured on
+    # a TPU.
+    fit = max(SUBLANE, min(256, TILE_BYTES // (4 * cols)) // SUBLANE * SUBLANE)
+    block_rows = rows if rows <= fit else fit
+    return LayerNormBlockSizes(block_rows=block_rows, block_cols=cols)
+
+
+def check_block_sizes(bs: LayerNormBlockSizes, rows: int, cols: int) -> None:
+    del cols
+    br = bs.block_rows
+    if br != rows and (br % SUBLANE or br > rows):
+        raise ValueError(
+            f"mosaic_tpu: LayerNormBlockSizes.block_rows={br} must be a multiple of "
+            f"{SUBLANE} no larger than N={rows}, or equal N"
+        )
+
+
+def _vmem_bytes(block_rows: int, cols: int, dtype) -> int:
+    """VMEM of the backward kernel: double-buffered x, g, dx blocks + ~4 f32 temporaries."""
+    return block_rows * cols * (3 * 2 * jnp.dtype(dtype).itemsize + 4 * 4)
+
+
+def _fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps):
+    """Grid (cdiv(N, block_rows),). Tiles: x, y [block_rows, D]; scale, bias [1, D];
+    mean, rstd [block_rows, 1]."""
+    x = x_ref[...].astype(jnp.float32)
+    d = x.shape[1]
+    mean = jnp.sum(x, axis=1, keepdims=True) / d
+    xc = x - mean
+    rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1, keepdims=True) / d + eps)  # two-pass variance, in VMEM
+    y = xc * rstd * scale_ref[...].astype(jnp.float32) + bias_ref[...].astype(jnp.float32)
+    y_ref[...] = y.astype(y_ref.dtype)
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def _bwd_kernel(x_ref, scale_ref, mean_ref, rstd_ref, g_ref, dx_ref, dscale_ref, dbias_ref, *, n):
+    """Grid (cdiv(N, block_rows),). Tiles: x, g, dx [block_rows, D]; scale [1, D]; mean,
+    rstd [block_rows, 1]; dscale, dbias: this block's row [1, D] of the partial sums."""
+    block_rows, d = x_ref.shape
+    rstd = rstd_ref[...]
+    xhat = (x_ref[...].astype(jnp.float32) - mean_ref[...]) * rstd
+    g = g_ref[...].astype(jnp.float32)
+    dxhat = g * scale_ref[...].astype(jnp.float32)
+    c1 = jnp.sum(dxhat * xhat, axis=1, keepdims=True) / d
+    c2 = jnp.sum(dxhat, axis=1, keepdims=True) / d
+    dx_ref[...] = (rstd * (dxhat - c2 - xhat * c1)).astype(dx_ref.dtype)
+    g_xhat = g * xhat
+    if n % block_rows:  # the last row block is ragged: its garbage rows must not reach the sums
+        rows = pl.program_id(0) * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows, d), 0)
+        g_xhat = jnp.where(rows < n, g_xhat, 0.0)
+        g = jnp.where(rows < n, g, 0.0)
+    dscale_ref[...] = jnp.sum(g_xhat, axis=0, keepdims=True)
+    dbias_ref[...] = jnp.sum(g, axis=0, keepdims=True)
+
+
+def _block_rows(x, block_sizes) -> int:
+    n, d = x.shape
+    bs = block_sizes or LayerNormBlockSizes.default(n, d, x.dtype, "mosaic_tpu")
+    vmem = _vmem_bytes(bs.block_rows, d, x.dtype)
+    if vmem > VMEM_BUDGET:
+        raise NotImplementedError(
+            f"rows of D={d} need ~{vmem} bytes of VMEM at block_rows={bs.block_rows}, more than the "
+            f"{VMEM_BUDGET} budget (the TPU kernel keeps whole rows in VMEM)"
+        )
+    return bs.block_rows
+
+
+def fwd(x, scale, bias, *, eps, block_sizes, interpret):
+    n, d = x.shape
+    br = _block_rows(x, block_sizes)
+    rows = pl.BlockSpec((br, d), lambda i: (i, 0))
+    param = pl.BlockSpec((1, d), lambda i: (0, 0))
+    row_stat = pl.BlockSpec((br, 1), lambda i: (i, 0))
+    stat_shape = _common.out_struct((n, 1), jnp.float32)
+    y, mean, rstd = pl.pallas_call(
+        functools.partial(_fwd_kernel, eps=eps),
+        out_shape=[_common.out_struct((n, d), x.dtype), stat_shape, stat_shape],
+        grid=(pl.cdiv(n, br),),
+        in_specs=[rows, param, param],
+        out_specs=[rows, row_stat, row_stat],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=cost_estimate(x, backward=False),
+        interpret=_common.tpu_interpret(interpret),
+        name="fusedvjp_layer_norm_fwd",
+    )(x, scale.reshape(1, d), bias.reshape(1, d))
+    return y, (mean.reshape(n), rstd.reshape(n))
+
+
+def bwd(x, scale, mean, rstd, g, *, block_sizes, interpret):
+    n, d = x.shape
+    br = _block_rows(x, block_sizes)
+    num_row_blocks = pl.cdiv(n, br)
+    rows = pl.BlockSpec((br, d), lambda i: (i, 0))
+    row_stat = pl.BlockSpec((br, 1), lambda i: (i, 0))
+    # Partials as [num_row_blocks, 1, D] so the block's last two dims (1, D) are whole dims.
+    partial_spec = pl.BlockSpec((None, 1, d), lambda i: (i, 0, 0))
+    partial_sums = _common.out_struct((num_row_blocks, 1, d), jnp.float32)
+    dx, dscale, dbias = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=n),
+        out_shape=[_common.out_struct((n, d), x.dtype), partial_sums, partial_sums],
+        grid=(num_row_blocks,),
+        in_specs=[rows, pl.BlockSpec((1, d), lambda i: (0, 0)), row_stat, row_stat, rows],
+        out_specs=[rows, partial_spec, partial_spec],
+        # Each program writes only its own partial row, so the row axis stays parallel.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        cost_estimate=cost_estimate(x, backward=True),
+        interpret=_common.tpu_interpret(interpret),
+        name="fusedvjp_layer_norm_bwd",
+    )(x, scale.reshape(1, d), mean.reshape(n, 1), rstd.reshape(n, 1), g)
+    return dx, *finish_column_sums(dscale, dbias, x.dtype)
