@@ -9,6 +9,10 @@
 from fusedvjp.ops._dispatch import IMPLS, UnsupportedCaseWarning
 from fusedvjp.ops.dense import dense, dense_reference, dense_tanh
 from fusedvjp.ops.layer_norm import layer_norm, layer_norm_reference
+from fusedvjp.ops.linear_softmax_cross_entropy import (
+    linear_softmax_cross_entropy_with_integer_labels,
+    linear_softmax_cross_entropy_with_integer_labels_reference,
+)
 from fusedvjp.ops.softmax_cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_reference,
@@ -24,6 +28,8 @@ __all__ = [
     "dense_tanh",
     "layer_norm",
     "layer_norm_reference",
+    "linear_softmax_cross_entropy_with_integer_labels",
+    "linear_softmax_cross_entropy_with_integer_labels_reference",
     "softmax_cross_entropy",
     "softmax_cross_entropy_reference",
     "softmax_cross_entropy_with_integer_labels",

@@ -110,3 +110,40 @@ def test_corrupt_gz_in_data_dir_is_a_clean_error(tmp_path):
         train.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
                     "--no-progress"])
     assert "cannot read IDX file" in str(e.value.code) and "train-images-idx3-ubyte.gz" in str(e.value.code)
+
+
+@pytest.mark.parametrize("impl", ["jnp", "xla"])
+def test_fused_linear_cross_entropy_head_follows_todays_curve(impl):
+    """The MLP's last layer + loss replaced by ops.linear_softmax_cross_entropy_with_integer_labels
+    (reduction="mean") follows the trainer's step losses (dense -> cross-entropy, impl="jnp")
+    step for step: same init, same batches, plain SGD."""
+    from fusedvjp import ops
+    from fusedvjp.model import data
+
+    ds = data.load_sample()
+    steps, hidden, batch, lr = 20, 64, 128, 0.01
+    args = train.parse_args(["--impl", "jnp", "--epochs", "1", "--max-steps", str(steps), "--hidden", str(hidden),
+                             "--batch-size", str(batch), "--lr", str(lr), "--no-progress"])
+    want = train.train(args, ds, log=lambda *_: None)["epochs"][0]["step_losses"]
+
+    def loss_fn(params, x, y):
+        h = ops.dense_tanh(x, params["w1"], params["b1"], impl=impl)
+        return ops.linear_softmax_cross_entropy_with_integer_labels(h, params["w2"], y, b=params["b2"],
+                                                                   reduction="mean", impl=impl)
+
+    @jax.jit
+    def step(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), loss
+
+    # As train._train: the init and shuffle keys split from --seed 0, epoch 1's permutation.
+    init_key, shuffle_key = jax.random.split(jax.random.key(args.seed))
+    params = mlp.init_params(init_key, (ds.train_images.shape[1], hidden, 10))
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, 1), len(ds.train_images)))
+    got = []
+    for i in range(steps):
+        idx = perm[i * batch:(i + 1) * batch]
+        params, loss = step(params, jnp.asarray(ds.train_images[idx]), jnp.asarray(ds.train_labels[idx]))
+        got.append(float(loss))
+    assert got[-1] < got[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -52,6 +52,7 @@ KERNELS = {
     "dense": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
     "softmax_cross_entropy_with_integer_labels": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
     "softmax_cross_entropy": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
+    "linear_softmax_cross_entropy_with_integer_labels": ("fusedvjp_lce_stats", "fusedvjp_lce_dlogits"),
 }
 
 

@@ -177,7 +177,8 @@ def _grouped(n_rows: int, n_cols: int):
     (tests/test_offsets.py), which must prove every 32-bit offset part bounded.
     """
     pid = pl.program_id(0)
-    per_group = GROUP_ROWS * n_cols
+    # lax.div/rem take one dtype: the constants in the program id's (int64 under x64).
+    per_group = jnp.asarray(GROUP_ROWS * n_cols, pid.dtype)
     first = lax.div(pid, per_group) * GROUP_ROWS
     rows_here = jnp.minimum(n_rows - first, GROUP_ROWS)
     in_group = lax.rem(pid, per_group)
