@@ -5,15 +5,42 @@ Each peer is a :class:`Peer` in :data:`PEERS`; its rows appear in the table as e
 bytes, flops and roofline columns and the speedup over ``xla``. A peer that cannot run says
 why (``results.json["peers"]["skipped"]``, and a section of results.md):
 
-* JAX: tokamax -- ``tokamax.layer_norm`` (its Triton kernel) for our ``layer_norm``. Its
-  ``linear_softmax_cross_entropy_loss`` fuses the classifier matmul into the loss, an op
-  we do not have yet (skipped, with that reason); its other ops (attention, gated linear
-  unit, ragged dot, triangle multiplication) have no counterpart here. optax's losses are
-  our ``xla`` rows already.
+* JAX: tokamax -- ``tokamax.layer_norm`` (its Triton kernel) for our ``layer_norm``, and
+  ``tokamax.linear_softmax_cross_entropy_loss(x, labels, weights [D, V], reduction="none",
+  implementation="chunked_xla")`` for our ``linear_softmax_cross_entropy_with_integer_labels``
+  (0.0.17 has no GPU kernel for it: ``xla`` materializes the logits, ``chunked_xla`` is its
+  memory-bounded one, ``mosaic_tpu`` a TPU's; ``chunked_xla`` is right only where V is a
+  multiple of its 2048-column block, skipped elsewhere). Its other ops (attention, gated linear unit,
+  ragged dot, triangle multiplication) have no counterpart here. optax's losses are our
+  ``xla`` rows already.
 * PyTorch on the same GPU: ``torch.nn.functional`` eager and under ``torch.compile``
   (cross-entropy with integer and with probability labels, layer_norm, ``tanh(addmm)`` for
-  dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy and layer_norm; Apple's
-  cut-cross-entropy only fuses the classifier matmul into the loss (skipped, like tokamax's).
+  dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm and fused linear
+  cross-entropy; Apple's cut-cross-entropy (``linear_cross_entropy``) for the linear
+  cross-entropy.
+
+The linear cross-entropy peers, as the benchmark calls our op (no options: per-row losses,
+``reduction="none"``, which all three serve exactly in the pinned versions of
+bench/fetch_peer_wheels.sh), with its bias ``b``:
+
+* torch takes the classifier as ``[V, D]`` (``nn.Linear``'s layout): ``w`` is transposed once
+  per input copy (``ExternalOp.prepare``), outside the timed call; the gradient then comes
+  back as ``dW^T``.
+* Neither tokamax nor cut-cross-entropy takes a bias. It is folded into the matmul:
+  ``x' = [x, 1, 0..]``, ``W' = [W; b; 0..]`` (D' = D + 1 rounded up to a multiple of 8, so
+  rows stay 16-byte aligned), so ``x' W' = x W + b`` and ``dx``, ``dW``, ``db`` are parts of
+  ``dx'`` and ``dW'``. For CCE it is built once with the transpose (outside the timing); for
+  tokamax, a JAX peer with no preparation step, the concatenation is inside the timed call
+  (one more pass over ``x`` and ``W`` each way).
+* Liger's ``reduction="none"`` backward is exact only since linkedin/Liger-Kernel#1298
+  (0.8.5: the forward defers the gradient to the backward); an older one scales every row
+  by ``g[0]``, so its fwd+bwd is skipped.
+* CCE runs with ``filter_eps=None`` (exact gradient, as ours; its default skips small
+  softmax entries in the backward); its backward takes bf16/fp16 embeddings only, so f32
+  fwd+bwd is skipped. tokamax takes no ``precision`` (NotImplementedError), so its f32
+  matmuls would be TF32 on a GPU: f32 forwards run under
+  ``jax.default_matmul_precision("highest")``, f32 fwd+bwd is skipped (its backward rule is
+  traced outside that scope).
 
 The contract is ours for every row: forward = the op's output (per-row losses: torch's
 ``reduction="none"``); fwd+bwd = forward plus the VJP of a random cotangent w.r.t. the
@@ -31,8 +58,10 @@ imports torch, tokamax or liger before a peer is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import inspect
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +71,7 @@ import numpy as np
 
 XENT = "softmax_cross_entropy_with_integer_labels"
 XENT_PROB = "softmax_cross_entropy"
+LCE = "linear_softmax_cross_entropy_with_integer_labels"
 # The eps of our layer_norm's default (the benchmark passes no options).
 LAYER_NORM_EPS = 1e-6
 
@@ -258,16 +288,59 @@ def _tokamax_layer_norm(case):
     return layer_norm
 
 
+def bias_fold_width(d: int) -> int:
+    """Columns appended to x (a ones column, then zeros) and rows to W (b, then zeros) for a
+    peer without a bias: D + width is a multiple of 8 (16-byte rows in bf16)."""
+    return -(d + 1) % 8 + 1
+
+
+# tokamax 0.0.17's chunked_xla pads W with zero columns to a multiple of its v_block_size
+# (2048 by default, chunked_xla.py's Config) and never masks them: each padding column adds
+# exp(0) to every row's sum of exponentials, so the losses and gradients are wrong unless V
+# is a multiple of it (measured on CPU: 1.4e-2 relative at V = 1000, 0.55 at V = 10).
+TOKAMAX_CHUNKED_V_BLOCK = 2048
+
+
+def _tokamax_lce(case):
+    v = case.shape[2]
+    if v % TOKAMAX_CHUNKED_V_BLOCK:
+        raise PeerSkip(f"tokamax's chunked_xla pads V = {v} to a multiple of {TOKAMAX_CHUNKED_V_BLOCK} with zero "
+                       "logits it does not mask (wrong losses and gradients); its xla impl is our xla row")
+    # tokamax cannot take a precision: an f32 forward is traced under HIGHEST here, but the
+    # backward rule is traced later, outside this function, at JAX's GPU default (TF32).
+    if case.dtype == "f32" and case.mode != "fwd":
+        raise PeerSkip("tokamax.linear_softmax_cross_entropy_loss takes no precision (NotImplementedError): its "
+                       "f32 backward matmuls would be TF32 on a GPU, against IEEE f32 in every other f32 row")
+    import jax
+    import jax.numpy as jnp
+
+    tokamax = import_tokamax()
+
+    def lce(x, w, b, labels):
+        # No bias in tokamax: x' = [x, 1, 0..] [N, D'], w' = [w; b; 0..] [D', V].
+        n, d = x.shape
+        k = bias_fold_width(d)
+        x1 = jnp.concatenate([x, jnp.ones((n, 1), x.dtype), jnp.zeros((n, k - 1), x.dtype)], axis=1)
+        w1 = jnp.concatenate([w, b[None, :].astype(w.dtype), jnp.zeros((k - 1, w.shape[1]), w.dtype)], axis=0)
+        scope = jax.default_matmul_precision("highest") if x.dtype == jnp.float32 else contextlib.nullcontext()
+        with scope:
+            loss = tokamax.linear_softmax_cross_entropy_loss(x1, labels, w1, reduction="none",
+                                                             implementation="chunked_xla")
+        return loss.astype(x.dtype)  # our output's dtype, so that the cotangent fits
+
+    return lce
+
+
 register(Peer(
     name="peer:tokamax",
-    ops={"layer_norm": _tokamax_layer_norm},
+    ops={"layer_norm": _tokamax_layer_norm, LCE: _tokamax_lce},
     availability=_tokamax_ok,
     no_match={
-        "tokamax.linear_softmax_cross_entropy_loss": "fuses the classifier matmul x @ W into the loss; fusedvjp "
-        "has no linear + cross-entropy op yet (and on a GPU its implementations are XLA: its kernel is Mosaic TPU)",
         "tokamax.gated_linear_unit": "act(x @ W_gate) * (x @ W_up), not dense_tanh's tanh(x @ W + b)",
     },
-    note="tokamax.layer_norm(implementation='triton'); xprof stubbed if missing (import only)",
+    note="tokamax.layer_norm(implementation='triton'); tokamax.linear_softmax_cross_entropy_loss(reduction='none', "
+         "implementation='chunked_xla'), bias folded into x and W inside the timed call, f32 forward at HIGHEST; "
+         "xprof stubbed if missing (import only)",
 ))
 
 
@@ -414,30 +487,85 @@ def _liger_layer_norm(case):
     return ExternalOp(lambda x, scale, bias: liger_layer_norm(x, scale, bias, LAYER_NORM_EPS))
 
 
+def _lce_torch_prepare(fold_bias: bool) -> Callable[[list], list]:
+    """``(x, w [D, V], b, labels)`` -> ``(x, c [V, D], b, int64 labels)``, once per input copy:
+    the classifier in torch's ``[V, D]`` layout, outside the timed call. With ``fold_bias``
+    (a peer without a bias) ``x' = [x, 1, 0..]`` and ``c' = [c, b, 0..]`` (see
+    :func:`bias_fold_width`): ``x' c'^T = x w + b``; ``b`` stays in place, unused."""
+
+    def prepare(args):
+        x, w, b, labels = args
+        c = w.t().contiguous()  # [V, D]
+        if fold_bias:
+            import torch
+
+            (n, d), v = x.shape, c.shape[0]
+            k = bias_fold_width(d)
+            x = torch.cat([x, torch.ones((n, 1), dtype=x.dtype, device=x.device),
+                           torch.zeros((n, k - 1), dtype=x.dtype, device=x.device)], dim=1)
+            c = torch.cat([c, b.to(c.dtype)[:, None], torch.zeros((v, k - 1), dtype=c.dtype, device=c.device)], dim=1)
+        return [x, c, b, labels.long()]
+
+    return prepare
+
+
+def _liger_defers_none_grads() -> bool:
+    """Whether this Liger-Kernel computes ``reduction="none"``'s gradient in the backward with
+    the per-row cotangent (linkedin/Liger-Kernel#1298, in 0.8.5): its forward then takes
+    ``token_grad_output``. Before, the gradient made in the forward was scaled by ``g[0]``."""
+    from liger_kernel.ops import fused_linear_cross_entropy as flce
+
+    return "token_grad_output" in inspect.signature(flce.fused_linear_cross_entropy_forward).parameters
+
+
+def _liger_lce(case):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if case.mode != "fwd" and not _liger_defers_none_grads():
+        raise PeerSkip("this Liger-Kernel's fused linear cross-entropy with reduction='none' scales every row's "
+                       "gradient by g[0] (fixed in 0.8.5, linkedin/Liger-Kernel#1298): only its reduced loss is "
+                       "right, and the benchmark's contract is per-row losses")
+
+    def lce(x, c, b, labels):
+        return liger_fused_linear_cross_entropy(x, c, labels, bias=b, reduction="none")
+
+    return ExternalOp(lce, _lce_torch_prepare(fold_bias=False))
+
+
 register(Peer(
     name="peer:liger",
-    ops={XENT: _liger_xent, "layer_norm": _liger_layer_norm},
+    ops={XENT: _liger_xent, "layer_norm": _liger_layer_norm, LCE: _liger_lce},
     availability=_gpu_only("liger_kernel", "Liger-Kernel (Triton)"),
     adapter=torch_adapter,
     no_match={
         "liger_cross_entropy with probability labels": "Liger's cross-entropy takes integer labels only",
-        "liger_fused_linear_cross_entropy": "fuses the classifier matmul into the loss; fusedvjp has no "
-        "linear + cross-entropy op yet",
     },
     note="liger_cross_entropy(reduction='none') (dlogits computed in the forward, written over the logits), "
-         "liger_layer_norm",
+         "liger_layer_norm, liger_fused_linear_cross_entropy(reduction='none', bias; weight [V, D] transposed "
+         "once, untimed)",
 ))
+
+
+def _cce_lce(case):
+    if case.dtype != "bf16" and case.mode != "fwd":
+        raise PeerSkip("cut-cross-entropy's backward takes bf16/fp16 embeddings only (an assert in "
+                       "cce_backward.py)")
+    from cut_cross_entropy import linear_cross_entropy
+
+    def lce(e, c, b, labels):
+        del b  # folded into e and c by the preparation
+        return linear_cross_entropy(e, c, labels, reduction="none", filter_eps=None, impl="cce")
+
+    return ExternalOp(lce, _lce_torch_prepare(fold_bias=True))
+
 
 register(Peer(
     name="peer:cce",
-    ops={},
+    ops={LCE: _cce_lce},
     availability=_gpu_only("cut_cross_entropy", "cut-cross-entropy (Triton)"),
     adapter=torch_adapter,
-    no_match={
-        "cut_cross_entropy.linear_cross_entropy": "fuses the classifier matmul (embeddings @ classifier.T) into "
-        "the loss and never forms the logits; fusedvjp has no linear + cross-entropy op yet",
-    },
-    note="nothing to compare yet",
+    note="cut_cross_entropy.linear_cross_entropy(reduction='none', filter_eps=None, impl='cce'); classifier "
+         "[V, D] and the bias folded into it and the embeddings once, untimed",
 ))
 
 

@@ -180,6 +180,20 @@ def _w_chunk(w, b, start, width):
     return w_c, b_c
 
 
+def _varying_like(carry, *inputs):
+    """A chunk loop's initial carry typed as varying over the mesh axes its inputs vary
+    over. Inside shard_map (check_vma=True) a ``fori_loop`` carry keeps one type, and the
+    body's results vary over every axis x, w, ... vary over (the rows of x over "data");
+    constant zeros vary over none. Outside shard_map: unchanged."""
+    axes = frozenset().union(*(_sharding._varying(a) for a in inputs if a is not None))
+
+    def cast(a):
+        extra = tuple(sorted(axes - _sharding._varying(a)))
+        return lax.pcast(a, extra, to="varying") if extra else a
+
+    return jax.tree.map(cast, carry)
+
+
 def _chunked_stats(x, w, b, labels, *, cap, with_logit_sum, chunk, row_stats):
     """Merged ``row_stats`` over all of w's columns, ``labels`` relative to w's column 0.
 
@@ -190,7 +204,7 @@ def _chunked_stats(x, w, b, labels, *, cap, with_logit_sum, chunk, row_stats):
     stats_of = functools.partial(row_stats, logit_soft_cap=cap, with_logit_sum=with_logit_sum)
     # The identity of _merge_pair: an empty set (m = 0, log_s = -inf).
     zeros = jnp.zeros((n,), ct)
-    stats = (zeros, jnp.full((n,), -jnp.inf, ct), zeros, zeros)
+    stats = _varying_like((zeros, jnp.full((n,), -jnp.inf, ct), zeros, zeros), x, w, b, labels)
     full, tail = _chunks(v, chunk)
 
     def body(k, stats):
@@ -283,7 +297,8 @@ def _backward_loop(x, w, b, labels, where, m, log_s, g, *, label_smoothing, z_lo
             db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
         return dx, dw, db
 
-    carry = (jnp.zeros((n, d), ct), jnp.zeros((d, v), w.dtype), None if b is None else jnp.zeros((v,), b.dtype))
+    carry = _varying_like((jnp.zeros((n, d), ct), jnp.zeros((d, v), w.dtype),
+                           None if b is None else jnp.zeros((v,), b.dtype)), x, w, b, labels, where, m, log_s, g)
     full, tail = _chunks(v, chunk)
     if full == 1:
         carry = body(jnp.int32(0), carry)

@@ -13,6 +13,7 @@ import gzip
 import json
 import pathlib
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +265,153 @@ def test_relative_error():
     assert peers.relative_error(want + [0, 0, 0.4], want) == pytest.approx(0.1)
     assert peers.relative_error(want[:2], want) == np.inf
     assert peers.relative_error(np.array([np.nan, 0, 0]), want) == np.inf
+
+
+# --- the linear cross-entropy peers (tokamax, Liger, CCE), with fake libraries --------------------
+
+
+class _FakeTensor(np.ndarray):
+    """The few torch.Tensor methods the linear cross-entropy peers' preparation uses."""
+
+    device = "cpu"
+
+    def t(self):
+        return self.T
+
+    def contiguous(self):
+        return np.ascontiguousarray(self).view(_FakeTensor)
+
+    def long(self):
+        return self.astype(np.int64)
+
+    def to(self, dtype):
+        return self.astype(dtype)
+
+
+def _fake_torch():
+    torch = type(sys)("torch")
+    torch.cat = lambda ts, dim: np.concatenate(ts, axis=dim).view(_FakeTensor)
+    torch.ones = lambda shape, dtype, device: np.ones(shape, dtype).view(_FakeTensor)
+    torch.zeros = lambda shape, dtype, device: np.zeros(shape, dtype).view(_FakeTensor)
+    return torch
+
+
+def _fake_tensor_adapter(platform):
+    def vjp(f, args, diff, g):
+        return f(*args), tuple(np.zeros_like(args[i]) for i in diff)
+
+    return peers.Adapter(convert=lambda a: np.asarray(a).view(_FakeTensor), vjp=vjp,
+                         prepare_grads=lambda args, diff: list(args), sync=lambda: None, to_numpy=np.asarray)
+
+
+def _np_xent(z, labels):
+    z = np.asarray(z, np.float64)
+    top = z.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[:, 0]
+    return lse - z[np.arange(len(z)), np.asarray(labels)]
+
+
+@pytest.fixture
+def fake_lce_libraries(monkeypatch):
+    """Fake tokamax, liger_kernel, cut_cross_entropy (and torch's cat/ones/zeros): each records
+    how it was called and computes the plain loss of what it was given, so a wrong layout or
+    bias fold fails the benchmark's forward check. The real peers run with them on the CPU."""
+    calls = {"tokamax": [], "liger": [], "cce": []}
+
+    def tokamax_lce(x, labels, weights, *, reduction="sum", precision=None, implementation=None):
+        assert precision is None
+        calls["tokamax"].append(dict(x=x.shape, w=weights.shape, dtype=str(x.dtype), reduction=reduction,
+                                     implementation=implementation, precision=jax.config.jax_default_matmul_precision))
+        z = jnp.dot(x, weights, preferred_element_type=jnp.float32)
+        return (jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, labels[:, None], -1)[:, 0]).astype(x.dtype)
+
+    def liger_lce(input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
+                  label_smoothing=0.0, reduction="mean", softcap=None, **kwargs):
+        calls["liger"].append(dict(x=input.shape, w=weight.shape, w_id=id(weight),
+                                   c_contiguous=weight.flags.c_contiguous, bias=None if bias is None else bias.shape,
+                                   labels=str(target.dtype), reduction=reduction))
+        return _np_xent(np.asarray(input, np.float64) @ np.asarray(weight, np.float64).T + np.asarray(bias, np.float64),
+                        target)
+
+    def liger_forward(_input, weight, target, bias=None, token_grad_output=None, **kwargs):
+        raise AssertionError("only its signature is read")
+
+    def cce_lce(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False, filter_eps="high",
+                impl="cce"):
+        calls["cce"].append(dict(x=e.shape, w=c.shape, c_contiguous=c.flags.c_contiguous, labels=str(targets.dtype),
+                                 reduction=reduction, filter_eps=filter_eps, impl=impl))
+        return _np_xent(np.asarray(e, np.float64) @ np.asarray(c, np.float64).T, targets)
+
+    modules = {name: type(sys)(name) for name in (
+        "liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.functional", "liger_kernel.ops",
+        "liger_kernel.ops.fused_linear_cross_entropy", "cut_cross_entropy")}
+    modules["liger_kernel.transformers.functional"].liger_fused_linear_cross_entropy = liger_lce
+    modules["liger_kernel.ops.fused_linear_cross_entropy"].fused_linear_cross_entropy_forward = liger_forward
+    modules["liger_kernel.ops"].fused_linear_cross_entropy = modules["liger_kernel.ops.fused_linear_cross_entropy"]
+    modules["cut_cross_entropy"].linear_cross_entropy = cce_lce
+    modules["torch"] = _fake_torch()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    # The quick shapes' V (10) is no multiple of tokamax's block: let the fake serve it.
+    monkeypatch.setattr(peers, "TOKAMAX_CHUNKED_V_BLOCK", 5)
+    monkeypatch.setattr(peers, "import_tokamax", lambda: types.SimpleNamespace(
+        linear_softmax_cross_entropy_loss=tokamax_lce))
+    for name in ("peer:tokamax", "peer:liger", "peer:cce"):
+        peer = peers.PEERS[name]
+        adapter = None if peer.adapter is None else _fake_tensor_adapter
+        monkeypatch.setitem(peers.PEERS, name, dataclasses.replace(peer, availability=lambda platform, named: None,
+                                                                   adapter=adapter))
+    return calls
+
+
+def test_linear_cross_entropy_peers_layout_reduction_and_skips(fake_lce_libraries, tmp_path):
+    calls = fake_lce_libraries
+    doc = cli.main(["--quick", "--ops", peers.LCE, "--shapes", "mnist", "--dtypes", "f32,bf16", "--impls", "xla",
+                    "--peers", "tokamax,liger,cce", "--out", str(tmp_path)])
+    rows = {(r["impl"], r["dtype"], r["mode"]): r for r in doc["results"]}
+    n, d, v = rows[("xla", "f32", "fwd")]["shape"]
+    d1 = d + peers.bias_fold_width(d)
+    assert d1 % 8 == 0 and d < d1 <= d + 8
+    ran = {("peer:tokamax", "f32", "fwd"), ("peer:liger", "f32", "fwd"), ("peer:liger", "f32", "fwd+bwd"),
+           ("peer:cce", "f32", "fwd")} | {(p, "bf16", m) for p in ("peer:tokamax", "peer:liger", "peer:cce")
+                                         for m in ("fwd", "fwd+bwd")}
+    assert {k for k in rows if k[0].startswith("peer:")} == ran
+    # The fakes compute the plain loss of what they were given: "ok" means layout and bias fold are right.
+    assert all(rows[k]["check"] == "ok" for k in ran), {k: rows[k].get("check", rows[k].get("error")) for k in ran}
+    skipped = {s["peer"]: (s["case"], s["reason"]) for s in doc["peers"]["skipped"] if s.get("op") == peers.LCE}
+    f32_bwd = f"{cases_lib.short_name(peers.LCE)}-{n}x{d}x{v}-f32-fwd+bwd"
+    assert set(skipped) == {"peer:tokamax", "peer:cce"} and {c for c, _ in skipped.values()} == {f32_bwd}
+    assert "precision" in skipped["peer:tokamax"][1] and "bf16/fp16" in skipped["peer:cce"][1]
+    # tokamax: [D', V] weights with the bias folded in, per-row losses, its memory-bounded impl; HIGHEST for f32.
+    assert {(c["x"], c["w"], c["reduction"], c["implementation"]) for c in calls["tokamax"]} == {
+        ((n, d1), (d1, v), "none", "chunked_xla")}
+    assert {(c["dtype"], c["precision"]) for c in calls["tokamax"]} == {("float32", "highest"), ("bfloat16", None)}
+    # Liger: [V, D] weights, transposed once per input copy (4 cases x at most 2 copies in --quick), its own bias.
+    assert {(c["x"], c["w"], c["bias"], c["reduction"], c["labels"], c["c_contiguous"]) for c in calls["liger"]} == {
+        ((n, d), (v, d), (v,), "none", "int64", True)}
+    assert len({c["w_id"] for c in calls["liger"]}) <= 4 * 2 < len(calls["liger"])
+    # CCE: [V, D'] classifier with the bias folded in, exact gradients, per-row losses.
+    assert {(c["x"], c["w"], c["reduction"], c["filter_eps"], c["impl"], c["labels"], c["c_contiguous"])
+            for c in calls["cce"]} == {((n, d1), (v, d1), "none", None, "cce", "int64", True)}
+
+
+def test_an_old_liger_skips_the_linear_cross_entropy_backward(fake_lce_libraries, monkeypatch):
+    def old_forward(_input, weight, target, bias=None, reduction="mean"):
+        raise AssertionError("only its signature is read")
+
+    monkeypatch.setattr(sys.modules["liger_kernel.ops.fused_linear_cross_entropy"],
+                        "fused_linear_cross_entropy_forward", old_forward)
+    build = peers.PEERS["peer:liger"].ops[peers.LCE]
+    with pytest.raises(peers.PeerSkip, match=r"g\[0\].*#1298"):
+        build(cases_lib.Case(peers.LCE, (8, 16, 10), "bf16", "fwd+bwd"))
+    assert isinstance(build(cases_lib.Case(peers.LCE, (8, 16, 10), "bf16", "fwd")), peers.ExternalOp)
+
+
+def test_tokamax_skips_a_vocabulary_its_chunks_pad_unmasked():
+    build = peers.PEERS["peer:tokamax"].ops[peers.LCE]
+    for v in (10, 128256):
+        with pytest.raises(peers.PeerSkip, match=f"pads V = {v} to a multiple of 2048"):
+            build(cases_lib.Case(peers.LCE, (8, 16, v), "bf16", "fwd"))
 
 
 # --- the tuning table ------------------------------------------------------------------------------

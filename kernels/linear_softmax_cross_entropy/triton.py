@@ -7,7 +7,8 @@ read zeros past every edge (never memory past the array) and the zeros drop out 
 dot; the epilogue then masks columns past Vc with jnp.where (a zero logit is still a
 logit). Stores are masked too. Element offsets are computed by the lowering from the
 per-dimension indices (each below its dimension plus a block, so i32) times the
-strides, in i64 for arrays over 2**32 bytes (dz at C=16384, Vc=128256 bf16); nothing
+strides, in i64 for arrays past 2**31 elements (dz at C=20000, Vc=128256: 2.6e9; at
+C=16384 it is 2.1e9 elements and i32 offsets suffice); nothing
 is flattened by hand (``tests/test_offsets.py`` explains and checks the rule).
 
 Program order: a 1-D grid in *groups* of ``GROUP_ROWS`` row blocks (Triton's matmul
