@@ -10,15 +10,21 @@ internal ``shard_map``) and auto mesh axes (``custom_partitioning``; see
 * dense_tanh column-parallel (``w`` and ``b`` split on N over ``"model"``) and
   row-parallel (``x``'s K and ``w``'s K over ``"model"``) on a 4 x 2 ``("data", "model")`` mesh;
 * softmax_cross_entropy_with_integer_labels vocabulary-parallel: logits
-  ``P("data", "model")``, labels ``P("data")``.
+  ``P("data", "model")``, labels ``P("data")``;
+* linear_softmax_cross_entropy_with_integer_labels data parallel (``x`` and labels over
+  ``"data"``) and vocabulary-parallel (``w`` and ``b`` split on V over ``"model"``, ``x``
+  and labels over ``"data"``).
 
 A case fails when the compile fails, when a Pallas kernel traced for the target is not
 in the executable (Triton custom calls ``fusedvjp_*`` on CUDA, Mosaic
 ``tpu_custom_call``\\ s on TPU), when a kernel is handed an array with the full batch
-dimension (it runs on the whole batch, not on its shard), or when a collective moves an
-activation-sized array: any collective whose array has the full batch dimension (an
-all-gather of activations) and, vocabulary-parallel, any collective of an array with
-the vocabulary dimension. The collectives found are printed per case (``pytest -s``),
+dimension (it runs on the whole batch, not on its shard) or, vocabulary-parallel, the full
+vocabulary, or when a collective moves an activation-sized array: any collective whose
+array has the full batch dimension (an all-gather of activations) and,
+vocabulary-parallel, any collective of an array with the vocabulary dimension -- except
+the all-reduce over ``"data"`` of a V-split parameter's gradient slice (linear
+cross-entropy's dW [D, V/model] and db [V/model]: partial sums over the rows). The
+collectives found are printed per case (``pytest -s``),
 and as one table at the end of the module.
 
 Topologies (``jax.experimental.topologies.get_topology_desc``): CUDA ``"1x1x8"`` (slices
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 
@@ -70,6 +77,7 @@ V = 32000
 DENSE = (M, 512, 256)
 LAYER_NORM = (M, 768)
 XENT = (M, V)
+LCE = (M, 512, V)  # (N, D, V)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute", "collective-broadcast")
 
@@ -103,6 +111,11 @@ CASES = (
     ShardCase("softmax_cross_entropy", "data", XENT, MESH_1D, (P("data"), P("data"))),
     ShardCase("softmax_cross_entropy_with_integer_labels", "data", XENT, MESH_1D, (P("data"), P("data"))),
     ShardCase("softmax_cross_entropy_with_integer_labels", "vocab", XENT, MESH_2D, (P("data", "model"), P("data"))),
+    # x [N, D], w [D, V], b [V], labels [N].
+    ShardCase("linear_softmax_cross_entropy_with_integer_labels", "data", LCE, MESH_1D,
+              (P("data"), P(), P(), P("data"))),
+    ShardCase("linear_softmax_cross_entropy_with_integer_labels", "vocab", LCE, MESH_2D,
+              (P("data"), P(None, "model"), P("model"), P("data"))),
 )
 
 # (target, op, parallelism, axis type, collectives), filled as the cases run.
@@ -281,5 +294,23 @@ def test_sharded_fwd_bwd_compiles(target, case, axis_type):
     assert not activations, f"{label}: collectives of activation-sized arrays: {activations}"
     if case.parallel == "vocab":
         v_dims = {V, V // dict(zip(*case.mesh))["model"]}
-        vocab = [(op, fmt(*a)) for op, outs in found for a in outs if v_dims & set(a[1])]
+        params = param_shards(case)
+        vocab = [(op, fmt(*a)) for op, outs in found for a in outs if v_dims & set(a[1]) and a[1] not in params]
         assert not vocab, f"{label}: collectives of arrays with the vocabulary dim: {vocab}"
+        whole_v = [(names, fmt(*a)) for names, a in arrays if V in a[1]]
+        assert not whole_v, f"{label}: kernels given the whole vocabulary (V={V}): {whole_v}"
+
+
+def param_shards(case: ShardCase) -> set[tuple[int, ...]]:
+    """Per-device shapes of the parameters (inputs not split over "data") that are split
+    over another axis: their gradients' slices are partial sums over the rows, all-reduced
+    over "data" -- a vocabulary-parallel collective that carries V / model by right."""
+    sizes = dict(zip(*case.mesh))
+    out = set()
+    for a, spec in zip(registry.get(case.op).abstract_inputs(case.shape, jnp.bfloat16), case.specs, strict=True):
+        entries = [(e,) if isinstance(e, str) else tuple(e or ()) for e in spec]
+        if not entries or "data" in sum(entries, ()) or not any(entries):
+            continue
+        entries += [()] * (len(a.shape) - len(entries))
+        out.add(tuple(d // math.prod(sizes[x] for x in axes) for d, axes in zip(a.shape, entries)))
+    return out
