@@ -112,7 +112,7 @@ def test_corrupt_gz_in_data_dir_is_a_clean_error(tmp_path):
     assert "cannot read IDX file" in str(e.value.code) and "train-images-idx3-ubyte.gz" in str(e.value.code)
 
 
-@pytest.mark.parametrize("impl", ["jnp", "xla"])
+@pytest.mark.parametrize("impl", ["jnp", "xla", "pallas"])
 def test_fused_linear_cross_entropy_head_follows_todays_curve(impl):
     """The MLP's last layer + loss replaced by ops.linear_softmax_cross_entropy_with_integer_labels
     (reduction="mean") follows the trainer's step losses (dense -> cross-entropy, impl="jnp")
