@@ -424,11 +424,13 @@ def test_device_check_quick_runs_every_phase(tmp_path):
     assert files == {"log.txt", "summary.txt", "tuning.json", "sweep.json", "bench/results.json", "bench/results.md",
                      "bench/roofline.png", "train/metrics.json"}, files
     tuning = json.loads((out / "tuning.json").read_text())
-    (key, entry), = tuning["entries"]["cpu"].items()
-    assert key.startswith("dense/triton/float32/") and entry["evidence"]["candidates_timed"] == 2
+    entries = tuning["entries"]["cpu"]
+    assert sorted(k.split("/")[0] for k in entries) == ["dense_dw", "dense_dx", "dense_fwd"], entries
+    for key, entry in entries.items():
+        assert key.split("/")[1:3] == ["triton", "float32"] and entry["evidence"]["candidates_timed"] == 2
     doc = json.loads((out / "bench" / "results.json").read_text())
     _check_schema(doc)
-    assert doc["tuning"] == {"file": str(out / "tuning.json"), "device_entries": 1}, "the bench must read the sweep's table"
+    assert doc["tuning"] == {"file": str(out / "tuning.json"), "device_entries": 3}, "the bench must read the sweep's table"
     assert {s["peer"] for s in doc["peers"]["skipped"]} >= {"peer:torch", "peer:tokamax", "peer:liger"}
     assert "## Peers" in (out / "bench" / "results.md").read_text()
     assert "xla" in json.loads((out / "train" / "metrics.json").read_text())
