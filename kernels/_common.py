@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -59,6 +60,15 @@ DEFAULT_INTERPRET_BACKEND = "triton"
 # outputs created replicated), while the TPU interpreter simulates devices under
 # shard_map and does.
 MANUAL_INTERPRET_BACKEND = "mosaic_tpu"
+
+
+def backend_module(package: str, backend: str, available: tuple[str, ...] = ("triton", "mosaic_tpu")):
+    """The module ``<package>.<backend>`` (an op's kernels for one backend), imported on
+    demand: a block-size dataclass in ``<package>.common`` calls this, and the backend
+    modules import ``common``, so a top-level import would be a cycle."""
+    if backend not in available:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+    return importlib.import_module(f"{package}.{backend}")
 
 
 _DISABLED: contextvars.ContextVar = contextvars.ContextVar("fusedvjp_disabled_backends", default=frozenset())

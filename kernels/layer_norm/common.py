@@ -58,16 +58,7 @@ class LayerNormBlockSizes:
 
 
 def _backend_module(backend: str):
-    # Imported here, not at the top: the backend modules import this one.
-    if backend == "triton":
-        from fusedvjp.kernels.layer_norm import triton
-
-        return triton
-    if backend == "mosaic_tpu":
-        from fusedvjp.kernels.layer_norm import mosaic_tpu
-
-        return mosaic_tpu
-    raise ValueError(f"unknown backend {backend!r}; expected one of {_common.BACKEND_NAMES}")
+    return _common.backend_module("fusedvjp.kernels.layer_norm", backend)
 
 
 def finish_column_sums(dscale_partial, dbias_partial, dtype):

@@ -61,16 +61,7 @@ class CrossEntropyBlockSizes:
 
 
 def _backend_module(backend: str):
-    # Imported here, not at the top: the backend modules import this one.
-    if backend == "triton":
-        from fusedvjp.kernels.softmax_cross_entropy import triton
-
-        return triton
-    if backend == "mosaic_tpu":
-        from fusedvjp.kernels.softmax_cross_entropy import mosaic_tpu
-
-        return mosaic_tpu
-    raise ValueError(f"unknown backend {backend!r}; expected one of {_common.BACKEND_NAMES}")
+    return _common.backend_module("fusedvjp.kernels.softmax_cross_entropy", backend)
 
 
 # Online logsumexp: with r the running max, sum_j exp(x_j) = exp(r) * s. A block whose max
