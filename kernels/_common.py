@@ -67,7 +67,7 @@ def backend_module(package: str, backend: str, available: tuple[str, ...] = ("tr
     demand: a block-size dataclass in ``<package>.common`` calls this, and the backend
     modules import ``common``, so a top-level import would be a cycle."""
     if backend not in available:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+        raise ValueError(f"unknown backend {backend!r} for {package}; expected one of {available}")
     return importlib.import_module(f"{package}.{backend}")
 
 
