@@ -16,12 +16,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Several CPU devices on a 2-core machine: XLA runs a device's collective as the
-# continuation of an op on Eigen's shared intra-op pool, so devices waiting in an
-# all-reduce can hold every pool thread while the last device's op waits for one (a
-# rendezvous deadlock, seen under load). Single-threaded ops keep each device on its own
-# thread.
-NO_EIGEN_POOL = " --xla_cpu_multi_thread_eigen=false"
 # The real MNIST IDX files sit beside the checkout (../shared/data); CI lays shared/ there too.
 MNIST_DIR = pathlib.Path(os.environ.get("FUSEDVJP_MNIST_DIR", REPO.parent / "shared" / "data"))
 

@@ -32,8 +32,7 @@ def main() -> None:
 
     # Before jax is imported: the host platform's device count is read once, at backend start.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.local_devices}"
-                               " --xla_cpu_multi_thread_eigen=false").strip()
+                               + f" --xla_force_host_platform_device_count={args.local_devices}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np

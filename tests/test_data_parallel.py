@@ -29,7 +29,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import NO_EIGEN_POOL, REPO
+from conftest import REPO
+from one_cpu import on_one_cpu
 
 
 LOSS_RTOL = 1e-5
@@ -44,7 +45,7 @@ SUBPROCESS_TIMEOUT_S = 120
 
 
 def _env(devices: int) -> dict:
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}" + NO_EIGEN_POOL
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
 
 
@@ -55,28 +56,20 @@ def on_cpu():
     return jax.default_device(jax.devices("cpu")[0])
 
 
-# XLA's CPU client aborts a process whose simulated devices miss an all-reduce rendezvous
-# for 40 s. On this machine's 2 cores under a loaded test run that has happened with 3
-# devices (docs/sharding.md, Limits): a scheduling stall of the host, not a result. Such a
-# run is retried once, and only on that message; any other failure counts.
-RENDEZVOUS_ABORT = "Termination timeout for `all reduce"
-
-
 def run_on_devices(devices: int, args: list[str]) -> subprocess.CompletedProcess:
-    """``python ARGS`` with the CPU split into ``devices`` devices; fails the test on a timeout."""
-    cmd = [sys.executable, *args]
-    for attempt in (1, 2):
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
-                                  timeout=SUBPROCESS_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"{' '.join(cmd)} ran past {SUBPROCESS_TIMEOUT_S} s\n{(e.stdout or '')[-4000:]}"
-                        f"{(e.stderr or '')[-4000:]}")
-        what = "HLO probe" if args[0] == "-c" else " ".join(args)
-        print(f"{devices} devices: {what}: {time.perf_counter() - start:.1f} s (attempt {attempt})")
-        if proc.returncode == 0 or RENDEZVOUS_ABORT not in proc.stderr + proc.stdout:
-            break
+    """``python ARGS`` with the CPU split into ``devices`` devices, pinned to one CPU
+    (``one_cpu.py``: more devices than cores can otherwise deadlock at a rendezvous);
+    fails the test on a timeout."""
+    cmd = on_one_cpu([sys.executable, *args])
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} ran past {SUBPROCESS_TIMEOUT_S} s\n{(e.stdout or '')[-4000:]}"
+                    f"{(e.stderr or '')[-4000:]}")
+    what = "HLO probe" if args[0] == "-c" else " ".join(args)
+    print(f"{devices} devices: {what}: {time.perf_counter() - start:.1f} s")
     return proc
 
 

@@ -28,7 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import NO_EIGEN_POOL, REPO
+from conftest import REPO
+from one_cpu import on_one_cpu
 
 
 PROCESSES = 2
@@ -62,7 +63,7 @@ def launch(make_cmd, tmp_path, env: dict | None = None, attempts: int = 3) -> li
         try:
             for i, log in enumerate(logs):
                 with open(log, "w") as f:  # a file, not a pipe: a full pipe would block its writer
-                    procs.append(subprocess.Popen(make_cmd(coordinator, i), cwd=REPO, env=env, stdout=f,
+                    procs.append(subprocess.Popen(on_one_cpu(make_cmd(coordinator, i)), cwd=REPO, env=env, stdout=f,
                                                   stderr=subprocess.STDOUT, start_new_session=True))
             while True:
                 codes = [p.poll() for p in procs]  # every process polled, each time round
@@ -139,7 +140,7 @@ def test_trainer_cli_across_processes(tmp_path):
         return [sys.executable, "-m", "fusedvjp.model.train", *flags, "--coordinator", coordinator,
                 "--num-processes", str(PROCESSES), "--process-id", str(i), "--out", str(tmp_path / f"out{i}")]
 
-    xla_flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}" + NO_EIGEN_POOL
+    xla_flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}"
     outs = launch(cmd, tmp_path, env={"XLA_FLAGS": xla_flags.strip()})
     assert f"data parallel: {PROCESSES * LOCAL_DEVICES} devices ({LOCAL_DEVICES} local, {PROCESSES} process(es))" \
         in outs[0], outs[0][-4000:]

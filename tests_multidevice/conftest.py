@@ -9,12 +9,16 @@ command), or run it alone the same way.
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
-# Single-threaded ops: with 8 devices on few cores, devices blocked in an all-reduce can
-# otherwise hold every thread of Eigen's shared pool that the last device needs
-# (a rendezvous deadlock seen under load).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false").strip()
+# 8 devices on few cores can deadlock at a rendezvous unless the process has one CPU
+# (tests/one_cpu.py says why); pinned before jax starts its thread pools.
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from one_cpu import pin_to_one_cpu  # noqa: E402
+
+pin_to_one_cpu()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
