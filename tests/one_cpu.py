@@ -1,17 +1,17 @@
-"""Pin a multi-device CPU process to one CPU, so that XLA cannot deadlock at a rendezvous.
+"""Multi-device CPU test processes run on one CPU, where XLA's rendezvous hang was not seen.
 
-XLA's CPU runtime evaluates a large dot on Eigen's intra-op pool (one thread per CPU the
-process may use) and continues that device's program on the pool thread that finishes
-it -- into an all-reduce, where the thread blocks until every device arrives. With more
-simulated devices than pool threads, the waiting devices can hold every pool thread while
-the last device's dot waits for one: a deadlock, which XLA ends by aborting after 40 s.
-It aborted CI's 3-device trainer run (2 cores, both busy). Measured here, the 3-device
-trainer (batch 96, one epoch of the sample) beside two busy loops: 6 of 12 runs aborted
-(1 of 4 with ``--xla_cpu_multi_thread_eigen=false``, which the thunk runtime does not
-read: the stuck thread is an Eigen pool worker in a parallel contraction, 5 of 8
-without). A process allowed one CPU gets a one-thread pool, and Eigen evaluates every
-contraction inline on the calling device's own thread: 0 of 12 pinned runs aborted under
-the same load.
+With more simulated devices (``--xla_force_host_platform_device_count``) than cores, XLA's
+CPU runtime can hang at a rendezvous: in CI's 3-device trainer run (2 cores, both busy)
+devices 0 and 1 waited in the step's all-reduce on Eigen intra-op pool threads that had
+finished a parallel contraction and gone on into it, device 2 never arrived, and XLA
+aborted after 40 s. Every abort seen here has that shape (same key, op_id=1, device 2
+missing). The pool is not simply too small: it has one thread per device (3 here, pinned
+or not, counted from the thread names), so which wait starves device 2 is not established.
+What is measured: the 3-device trainer (batch 96, one epoch of the sample) beside two
+busy loops on this 2-core machine aborted in 8 of 22 runs on both cores (1 of 4 with
+``--xla_cpu_multi_thread_eigen=false``, which does not prevent it) and in 0 of 22 runs
+pinned to one CPU (10 of each interleaved: 2 aborts against 0). So multi-device test
+processes run on one CPU.
 
 Subprocesses are started under ``taskset`` (a ``preexec_fn`` would fork the multi-threaded
 pytest process); the multi-device conftest pins its own process before jax starts, which

@@ -393,6 +393,7 @@ def _fake_wheel(directory: pathlib.Path, name: str, version: str) -> pathlib.Pat
     return path
 
 
+@pytest.mark.slow
 def test_device_check_quick_runs_every_phase(tmp_path):
     """The GPU window's script, start to end, in QUICK mode on this CPU: every phase runs and
     succeeds, the summary says so, and the files the device tool returns are there."""

@@ -58,7 +58,7 @@ def on_cpu():
 
 def run_on_devices(devices: int, args: list[str]) -> subprocess.CompletedProcess:
     """``python ARGS`` with the CPU split into ``devices`` devices, pinned to one CPU
-    (``one_cpu.py``: more devices than cores can otherwise deadlock at a rendezvous);
+    (``one_cpu.py``: more devices than cores can otherwise hang XLA at a rendezvous);
     fails the test on a timeout."""
     cmd = on_one_cpu([sys.executable, *args])
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def run_on_devices(devices: int, args: list[str]) -> subprocess.CompletedProcess
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} ran past {SUBPROCESS_TIMEOUT_S} s\n{(e.stdout or '')[-4000:]}"
                     f"{(e.stderr or '')[-4000:]}")
-    what = "HLO probe" if args[0] == "-c" else " ".join(args)
+    what = "python -c (a probe)" if args[0] == "-c" else " ".join(args)
     print(f"{devices} devices: {what}: {time.perf_counter() - start:.1f} s")
     return proc
 

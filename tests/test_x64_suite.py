@@ -33,6 +33,7 @@ X64_PART = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.config.jax_enable_x64, reason="already the x64 run")
 @pytest.mark.parametrize(("path", "select"), X64_PART, ids=[f"{p}[{k}]" if k else p for p, k in X64_PART])
 def test_op_tests_pass_under_x64(path, select):

@@ -12,8 +12,8 @@ import os
 import pathlib
 import sys
 
-# 8 devices on few cores can deadlock at a rendezvous unless the process has one CPU
-# (tests/one_cpu.py says why); pinned before jax starts its thread pools.
+# 8 devices on few cores can hang XLA at a rendezvous unless the process runs on one CPU
+# (tests/one_cpu.py has the measurements); pinned before jax starts its thread pools.
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from one_cpu import pin_to_one_cpu  # noqa: E402
 
