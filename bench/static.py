@@ -625,6 +625,22 @@ def ptxas_info(ptx_file: pathlib.Path, arch: str = "sm_90a") -> dict[str, dict]:
     return info
 
 
+def spilling_kernels(case: StaticCase, target_name: str, dump_dir: pathlib.Path) -> str:
+    """The kernels of ``case`` that spill registers on ``target_name``, in words.
+
+    XLA's spill error names no kernel: this compiles again with spills allowed (so every
+    kernel's PTX is dumped) and asks ptxas about each.
+    """
+    compile_case(case, target_name, dump_dir=dump_dir, fail_on_spill=False)
+    spilled = []
+    for ptx in sorted(pathlib.Path(dump_dir).glob("*.ptx")):
+        for name, info in ptxas_info(ptx).items():
+            if info.get("spill_store_bytes") or info.get("spill_load_bytes"):
+                spilled.append(f"{name}: {info.get('registers')} regs, {info.get('spill_store_bytes')} B spill "
+                               f"stores, {info.get('spill_load_bytes')} B spill loads")
+    return "; ".join(spilled) or "(ptxas here reports no spill)"
+
+
 def ptx_kernels(dump_dir: pathlib.Path) -> dict[str, dict]:
     """entry name -> PTX file, tensor-core instruction counts (wgmma, mma), from the dumped PTX."""
     out = {}

@@ -33,18 +33,6 @@ def _ids(case: static.StaticCase) -> str:
     return case.label
 
 
-def _name_the_spills(case: static.StaticCase, target: str, dump_dir) -> str:
-    """XLA's spill error names no kernel: compile again with the PTX dumped, and ask ptxas."""
-    static.compile_case(case, target, dump_dir=dump_dir, fail_on_spill=True)
-    spilled = []
-    for ptx in sorted(dump_dir.glob("*.ptx")):
-        for name, info in static.ptxas_info(ptx).items():
-            if info.get("spill_store_bytes") or info.get("spill_load_bytes"):
-                spilled.append(f"{name}: {info.get('registers')} regs, {info.get('spill_store_bytes')} B spill "
-                               f"stores, {info.get('spill_load_bytes')} B spill loads")
-    return "; ".join(spilled) or "(ptxas here reports no spill)"
-
-
 def _check_kernels_compiled(result: static.Compiled) -> None:
     traced = {k["name"] for k in result.pallas_kernels}
     assert traced, f"{result.case.label}: no Pallas kernel was traced for {result.target.name}"
@@ -62,7 +50,8 @@ def test_compiles_for_gpu(target, case, tmp_path):
     dump = tmp_path / "dump" if case.dtype == "bf16" else None
     result = static.compile_case(case, target, dump_dir=dump, fail_on_spill=True)
     if not result.ok and "spill" in result.error:
-        pytest.fail(f"{target} {case.label}: register spill: {_name_the_spills(case, target, tmp_path / 'spill')}")
+        spills = static.spilling_kernels(case, target, tmp_path / "spill")
+        pytest.fail(f"{target} {case.label}: register spill: {spills}")
     assert result.ok, f"{target} {case.label}: {result.error}"
     _check_kernels_compiled(result)
     if dump is not None:
