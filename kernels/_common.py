@@ -32,6 +32,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
@@ -254,6 +256,30 @@ def triton_params(num_warps: int, num_stages: int) -> plgpu.CompilerParams:
     """Explicit Triton compiler params (without them some jax versions pick Mosaic GPU)."""
     cls = _FusedvjpTritonParams if _QUIET_TRITON else plgpu.CompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+# Tile-rows per program group in Triton's grouped program order (`grouped_program`);
+# 8 as in Triton's matmul tutorial.
+GROUP_ROWS = 8
+
+
+def grouped_program(n_rows: int, n_cols: int):
+    """(row, column) tile of this program of a 1-D Triton grid over ``n_rows x n_cols``
+    tiles, walked in groups of ``GROUP_ROWS`` tile-rows: the programs resident at once share
+    a few row tiles of the first operand and sweep the column tiles of the second, so a
+    wave re-reads its operands from L2 instead of HBM.
+
+    ``lax.div``/``lax.rem`` on these non-negative ints (``rows_here >= 1``), not ``//``/``%``:
+    jnp's floor-division sign fix-ups would leave i32 values that the offset checker of
+    tests/test_offsets.py cannot bound, and it must prove every 32-bit offset part bounded.
+    """
+    pid = pl.program_id(0)
+    # lax.div/rem take one dtype: the constants in the program id's (int64 under x64).
+    per_group = jnp.asarray(GROUP_ROWS * n_cols, pid.dtype)
+    first = lax.div(pid, per_group) * GROUP_ROWS
+    rows_here = jnp.minimum(n_rows - first, GROUP_ROWS)
+    in_group = lax.rem(pid, per_group)
+    return first + lax.rem(in_group, rows_here), lax.div(in_group, rows_here)
 
 
 def is_power_of_two(n: int) -> bool:

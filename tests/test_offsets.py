@@ -449,6 +449,19 @@ def summary(accesses: list[Access]) -> str:
     )
 
 
+def assert_triton_offsets_bounded(fn: Callable, *args) -> tuple[list[TritonKernel], list[Access]]:
+    """Lowers ``fn(*args)``'s Triton kernels and fails on any 32-bit offset that can pass
+    2**31; returns the kernels and every access traced, for further checks."""
+    _, kernels = lower_triton(fn, *args)
+    violations, accesses = [], []
+    for kernel in kernels:
+        v, a = triton_offset_violations(kernel)
+        violations += v
+        accesses += a
+    assert not violations, "\n".join(violations) + "\n" + summary(accesses)
+    return kernels, accesses
+
+
 # --- the public ops, forward and backward ----------------------------------------------------
 
 
@@ -511,13 +524,7 @@ def _nbytes(a) -> int:
 @pytest.mark.parametrize("case, build, params", CASES, ids=[c[0] for c in CASES])
 def test_triton_offsets_fit_their_integer_type(case, build, params):
     fn, args = build(*params)
-    _, kernels = lower_triton(fn, *args)
-    violations, accesses = [], []
-    for kernel in kernels:
-        v, a = triton_offset_violations(kernel)
-        violations += v
-        accesses += a
-    assert not violations, "\n".join(violations) + "\n" + summary(accesses)
+    kernels, accesses = assert_triton_offsets_bounded(fn, *args)
     # Every argument of every kernel was read or written through a traced offset.
     for kernel in kernels:
         assert {a.arg for a in accesses if a.kernel == kernel.name} == set(range(len(kernel.buffers))), kernel.name

@@ -6,7 +6,7 @@ past the array -- and the zeros drop out of the dots and sums. Stores are masked
 same way.
 
 Program order: each kernel runs a 1-D grid over its output tiles in *groups* of
-``GROUP_ROWS`` tile-rows (Triton's matmul tutorial ordering): the programs resident at
+``_common.GROUP_ROWS`` tile-rows (Triton's matmul tutorial ordering): the programs resident at
 once share a few row blocks of the first operand and sweep the column blocks of the
 second, so a wave re-reads its operands from L2 instead of HBM. Row-fastest order would
 stream the whole second operand once per wave.
@@ -48,8 +48,6 @@ SMEM_BYTES = 227 * 1024
 MIN_BLOCK = 16
 # H100 SXM streaming multiprocessors: a grid smaller than this leaves SMs idle.
 NUM_SMS = 132
-# Tile-rows per program group (see the module docstring); 8 as in Triton's tutorial.
-GROUP_ROWS = 8
 # The dz pass is elementwise plus a column sum: [128, 64] tiles, 4 warps. Its db
 # partials are [cdiv(M, 128), N] f32 (1 MiB at M=8192, N=4096 -- 1/64 of dz's bytes).
 DZ_PASS_BLOCK = (128, 64)
@@ -169,25 +167,6 @@ def _store(ref, rows, cols, value: jax.Array) -> None:
     plgpu.store(ref.at[row_ds, col_ds], value.astype(ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grouped(n_rows: int, n_cols: int):
-    """(row, column) tile of this program in grouped order (see the module docstring).
-
-    ``lax.div``/``lax.rem`` on these non-negative ints, not ``//``/``%``: jnp's floor
-    division adds sign fix-ups that hide the values' bounds from the offset checker
-    (tests/test_offsets.py), which must prove every 32-bit offset part bounded.
-    """
-    pid = pl.program_id(0)
-    # lax.div/rem take one dtype: the constants in the program id's (int64 under x64).
-    per_group = jnp.asarray(GROUP_ROWS * n_cols, pid.dtype)
-    first = lax.div(pid, per_group) * GROUP_ROWS
-    rows_here = jnp.minimum(n_rows - first, GROUP_ROWS)
-    in_group = lax.rem(pid, per_group)
-    return first + lax.rem(in_group, rows_here), lax.div(in_group, rows_here)
-
-
-# --- kernels ---------------------------------------------------------------------------------
-
-
 def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, block_m, block_n, block_k):
     """Output tiles [block_m, block_n] of a; loops over K in block_k steps.
 
@@ -195,7 +174,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, block_m, block_n, blo
     """
     b_ref, a_ref = refs if has_bias else (None, *refs)
     (m, k), n = x_ref.shape, w_ref.shape[1]
-    i, j = _grouped(pl.cdiv(m, block_m), pl.cdiv(n, block_n))
+    i, j = _common.grouped_program(pl.cdiv(m, block_m), pl.cdiv(n, block_n))
     rows, cols = _span(i, block_m, m), _span(j, block_n, n)
     precision = dot_precision(x_ref.dtype)
 
@@ -237,7 +216,7 @@ def _dx_kernel(g_ref, *refs, has_act, block_m, block_n, block_k):
     """
     a_ref, w_ref, dx_ref = refs if has_act else (None, *refs)
     (m, n), k = g_ref.shape, w_ref.shape[0]
-    i, kb = _grouped(pl.cdiv(m, block_m), pl.cdiv(k, block_k))
+    i, kb = _common.grouped_program(pl.cdiv(m, block_m), pl.cdiv(k, block_k))
     rows, ks = _span(i, block_m, m), _span(kb, block_k, k)
     precision = dot_precision(w_ref.dtype)
 
@@ -265,7 +244,7 @@ def _dw_kernel(x_ref, g_ref, *refs, has_act, has_db, block_m, block_n, block_k):
     dw_ref = refs.pop(0)
     db_ref = refs.pop(0) if has_db else None
     (m, k), n = x_ref.shape, g_ref.shape[1]
-    kb, j = _grouped(pl.cdiv(k, block_k), pl.cdiv(n, block_n))
+    kb, j = _common.grouped_program(pl.cdiv(k, block_k), pl.cdiv(n, block_n))
     ks, cols = _span(kb, block_k, k), _span(j, block_n, n)
     precision = dot_precision(x_ref.dtype)
 

@@ -11,7 +11,7 @@ strides, in i64 for arrays past 2**31 elements (dz at C=20000, Vc=128256: 2.6e9;
 C=16384 it is 2.1e9 elements and i32 offsets suffice); nothing
 is flattened by hand (``tests/test_offsets.py`` explains and checks the rule).
 
-Program order: a 1-D grid in *groups* of ``GROUP_ROWS`` row blocks (Triton's matmul
+Program order: a 1-D grid in *groups* of ``_common.GROUP_ROWS`` row blocks (Triton's matmul
 tutorial ordering, as ``kernels/dense/triton.py``): the programs resident at once share
 a few row blocks of x and sweep the column blocks of w, so a wave re-reads its operands
 from L2 instead of HBM (x at C=16384, D=4096 bf16 is 128 MiB, L2 is 50 MiB).
@@ -55,8 +55,6 @@ SMEM_BYTES = 227 * 1024
 MIN_BLOCK = 16
 # H100 SXM streaming multiprocessors.
 NUM_SMS = 132
-# Row blocks per program group (see the module docstring); 8 as in Triton's tutorial.
-GROUP_ROWS = 8
 # row_stats: at least this many waves of one program per SM (what the LLM tiles allow),
 # so the last, partial wave idles at most ~1/8 of the SMs' time; and up to this many
 # vocabulary tiles per program: the partials shrink as many times (at C=16384, Vc=128256
@@ -132,22 +130,6 @@ def _span(index, block: int, size: int):
     return pl.ds(start, block), idx, idx < size
 
 
-def _grouped(n_rows: int, n_cols: int):
-    """(row, column) block of this program in grouped order (see the module docstring).
-
-    lax.div / lax.rem, not // and %: every operand is >= 0 (rows_here >= 1), and jnp's
-    floor-division sign corrections would leave i32 values the offset checker of
-    tests/test_offsets.py cannot bound (they feed dz's 64-bit offsets past 2**31 elements).
-    """
-    pid = pl.program_id(0)
-    # lax.div/rem take one dtype: the constants in the program id's (int64 under x64).
-    per_group = jnp.asarray(GROUP_ROWS * n_cols, pid.dtype)
-    first = lax.div(pid, per_group) * GROUP_ROWS
-    rows_here = jnp.minimum(n_rows - first, GROUP_ROWS)
-    in_group = lax.rem(pid, per_group)
-    return first + lax.rem(in_group, rows_here), lax.div(in_group, rows_here)
-
-
 def _row_load(ref, rows, other) -> jax.Array:
     """[block_c, 1] of a per-row [C] ref."""
     row_ds, _, row_ok = rows
@@ -181,7 +163,7 @@ def _stats_kernel(x_ref, w_ref, *refs, has_bias, cap, with_logit_sum, block_c, b
     b_ref, labels_ref, *out_refs = refs if has_bias else (None, *refs)
     c, v = x_ref.shape[0], w_ref.shape[1]
     n_vblocks = pl.cdiv(v, block_v)
-    i, split = _grouped(pl.cdiv(c, block_c), pl.cdiv(n_vblocks, v_blocks))
+    i, split = _common.grouped_program(pl.cdiv(c, block_c), pl.cdiv(n_vblocks, v_blocks))
     rows = _span(i, block_c, c)
     label = _row_load(labels_ref, rows, -1)
     first = split * v_blocks
@@ -205,7 +187,7 @@ def _dlogits_kernel(x_ref, w_ref, *refs, has_bias, cap, block_c, block_v, block_
     refs (labels, m, log_s, g_p, g_y, g_u) are [C]."""
     b_ref, labels_ref, m_ref, log_s_ref, g_p_ref, g_y_ref, g_u_ref, dz_ref = refs if has_bias else (None, *refs)
     c, v = x_ref.shape[0], w_ref.shape[1]
-    i, j = _grouped(pl.cdiv(c, block_c), pl.cdiv(v, block_v))
+    i, j = _common.grouped_program(pl.cdiv(c, block_c), pl.cdiv(v, block_v))
     rows, cols = _span(i, block_c, c), _span(j, block_v, v)
     z, dz_dl = _logit_tile(x_ref, w_ref, b_ref, rows, cols, cap=cap, block_d=block_d)
     dz = dlogits_tile(
