@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is None or lo <= value and (hi is None or value <= hi):
             continue
-        flag = f"--{name.replace('_', '-')}"
-        p.error(f"{flag} must be >= {lo}, got {value}" if hi is None else f"{flag} must be in [{lo}, {hi}], got {value}")
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        p.error(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):  # inf and nan train straight to NaN
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.coordinator is not None:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from fusedvjp.model import mlp, train
+from test_data import _write_idx
 
 
 def test_init_matches_the_seed():
@@ -100,11 +101,6 @@ def test_the_largest_seed_is_a_key():
     """The top of --seed's range is accepted and makes a key (the bound is not off by one)."""
     args = train.parse_args(["--seed", str(2**32 - 1), "--epochs", str(2**32 - 1)])
     jax.random.fold_in(jax.random.key(args.seed), args.epochs)
-
-
-def _write_idx(path, arr):
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    path.write_bytes(header + arr.tobytes())
 
 
 @pytest.mark.parametrize("empty", ["train", "test"])
