@@ -9,15 +9,23 @@ math the backends share), ``triton.py`` and ``mosaic_tpu.py`` (one backend each)
 person must fill in; appends a registry entry to ``ops/registry.py`` and the export to
 ``ops/__init__.py``. The generic tests in ``tests/test_ops_registry.py`` pick the op up
 at once -- and fail until the TODOs are done. Walk-through: ``docs/adding-an-op.md``.
+
+It writes all of that or nothing: names, option defaults (each a Python literal) and the
+target folders are checked, and every file is rendered and compiled, before the first
+write; a write that fails undoes the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import keyword
+import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 
 KERNEL_INIT_TEMPLATE = '''"""Pallas kernels for {name}: forward and backward. The derivation is in ops/{name}.py.
 
@@ -544,14 +552,79 @@ def _parse_options(items: list[str]) -> dict[str, str]:
         key, sep, default = item.partition("=")
         if not sep or not key.isidentifier() or not default:
             raise ValueError(f"an option is NAME=DEFAULT (a Python literal), got {item!r}")
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice: {key}={options[key]} and {item}")
         options[key] = default
     return options
 
 
+def _check_default(option: str, default: str) -> None:
+    """Raises ValueError unless ``default`` is one Python literal that reads the same in
+    a signature (``def op(x, *, eps=DEFAULT)``) as alone: ``abc`` would be a NameError at
+    import, ``1,2`` a SyntaxError in the signature (a tuple is written ``(1, 2)``)."""
+    try:
+        ast.literal_eval(default)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"option {option}'s default {default!r} is not a Python literal (a number, string, "
+                         "bytes, bool, None, or a tuple, list, set or dict of them)") from None
+    try:
+        ast.parse(f"op({option}={default})", mode="eval")
+    except SyntaxError:
+        raise ValueError(f"option {option}'s default {default!r} is not one expression in a signature "
+                         f"(op({option}={default})); a tuple is written in parentheses") from None
+
+
+def _replace_text(path: pathlib.Path, text: str) -> None:
+    """Rewrites ``path`` atomically (a temp file beside it, its mode, then a rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def _write_all(package: pathlib.Path, new: dict[pathlib.Path, str], rewritten: dict[pathlib.Path, str]) -> None:
+    """Creates ``package`` and the ``new`` files, then rewrites each of ``rewritten``; on any
+    failure (an interrupt included) removes what it created and restores what it
+    rewrote, so the tree is as it was and a rerun can write it all."""
+    created: list[pathlib.Path] = []
+    originals: dict[pathlib.Path, str] = {}
+    try:
+        package.mkdir()
+        created.append(package)
+        for path, text in new.items():
+            with path.open("x") as f:  # "x": a file that appeared since the checks is not ours to replace
+                created.append(path)
+                f.write(text)
+        for path, text in rewritten.items():
+            original = path.read_text()
+            _replace_text(path, text)
+            originals[path] = original
+    except BaseException:
+        for path, original in originals.items():
+            _replace_text(path, original)
+        for path in reversed(created):  # the package's files before the package
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+        raise
+
+
 def scaffold(name: str, root: pathlib.Path, params: list[str] = (), options: dict[str, str] | None = None):
-    """Writes the skeleton files for op ``name(x, *params, **options)`` under ``root``.
+    """Writes the skeleton files for op ``name(x, *params, **options)`` under ``root``:
+    all of them, or (on any error) none.
 
     Returns the paths written or appended to.
+
+    Raises:
+      ValueError: a bad name, or a default that is not one Python literal.
+      FileNotFoundError: ``root`` lacks ``kernels/``, ``ops/``, ``tests/``,
+        ``ops/registry.py`` or ``ops/__init__.py``.
+      FileExistsError: a file of the op exists, or the registry already has it.
     """
     options = dict(options or {})
     for ident in [name, *params, *options]:
@@ -561,6 +634,16 @@ def scaffold(name: str, root: pathlib.Path, params: list[str] = (), options: dic
         raise ValueError(
             f"names must differ from each other and from {sorted(RESERVED)}: {[name, *params, *options]}"
         )
+    for option, default in options.items():
+        _check_default(option, default)
+    registry, init = root / "ops" / "registry.py", root / "ops" / "__init__.py"
+    for folder in ("kernels", "ops", "tests"):
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(f"{root / folder} is not a folder: --root must be the repository root, "
+                                    "which holds kernels/, ops/ and tests/")
+    for path in (registry, init):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file: --root must be the repository root")
     package = root / "kernels" / name
     files = {
         package / "__init__.py": KERNEL_INIT_TEMPLATE,
@@ -574,17 +657,19 @@ def scaffold(name: str, root: pathlib.Path, params: list[str] = (), options: dic
     for path in (package, root / "kernels" / f"{name}.py", *files):
         if path.exists():
             raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    registry, init = root / "ops" / "registry.py", root / "ops" / "__init__.py"
-    if f'name="{name}"' in registry.read_text():
+    registry_text, init_text = registry.read_text(), init.read_text()
+    if f'name="{name}"' in registry_text:
         raise FileExistsError(f"{registry} already registers {name!r}")
     fragments = _fragments(name, list(params), options)
-    package.mkdir()
-    for path, template in files.items():
-        path.write_text(template.format(**fragments))
-    with registry.open("a") as f:
-        f.write(REGISTRY_TEMPLATE.format(**fragments))
-    with init.open("a") as f:
-        f.write(INIT_TEMPLATE.format(**fragments))
+    new = {path: template.format(**fragments) for path, template in files.items()}
+    rewritten = {registry: registry_text + REGISTRY_TEMPLATE.format(**fragments),
+                 init: init_text + INIT_TEMPLATE.format(**fragments)}
+    for path, text in {**new, **rewritten}.items():  # what the checks above missed, before any write
+        try:
+            compile(text, str(path), "exec")
+        except SyntaxError as e:
+            raise ValueError(f"{path} would not compile ({e.msg}, line {e.lineno}) with options {options}") from None
+    _write_all(package, new, rewritten)
     return [*files, registry, init]
 
 
@@ -599,7 +684,7 @@ def main(argv=None) -> None:
     try:
         params = [q for q in args.params.split(",") if q]
         touched = scaffold(args.name, pathlib.Path(args.root), params, _parse_options(args.option))
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # FileExistsError, FileNotFoundError, a failed (undone) write
         sys.exit(f"error: {e}")
     for path in touched:
         print(f"wrote {path}")

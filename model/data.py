@@ -124,6 +124,8 @@ def normalize(images: np.ndarray) -> np.ndarray:
 def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, path: pathlib.Path) -> None:
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DatasetError(f"{path}: {what} images must be [n, 28, 28], got {images.shape}")
+    if images.shape[0] == 0:  # well-formed IDX, but nothing to train on or to score
+        raise DatasetError(f"{path}: the {what} set holds 0 images")
     if labels.shape != (images.shape[0],):
         raise DatasetError(f"{path}: {what} labels {labels.shape} do not match images {images.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -221,7 +223,7 @@ def _fetch(url: str, dest: pathlib.Path, stem: str, progress: bool) -> str | Non
         if problem is not None:
             return problem
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return None
     except urllib.error.HTTPError as e:
         return f"HTTP {e.code} {e.reason}"
@@ -233,7 +235,7 @@ def _fetch(url: str, dest: pathlib.Path, stem: str, progress: bool) -> str | Non
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+def fsync_dir(path: pathlib.Path) -> None:
     """Makes a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)

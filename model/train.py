@@ -1,7 +1,8 @@
 """Train the seed's MNIST MLP: ``python -m fusedvjp.model.train [options]``.
 
 Prints one line per epoch as the seed does (``Epoch 1/10 | Loss: 0.5898 | Test Accuracy:
-0.9009``) and writes ``metrics.json``, ``curves.png`` and ``predictions.png`` to ``--out``.
+0.9009``) and writes ``metrics.json``, ``curves.png`` and ``predictions.png`` to ``--out``,
+as one set (:func:`write_outputs`), holding ``--out`` against other runs (:func:`hold_out`).
 
 ``--data-parallel`` splits every batch over all devices (``model/distributed.py``); with
 ``--coordinator``, ``--num-processes`` and ``--process-id`` the devices are those of
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
+import os
 import pathlib
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +33,22 @@ from fusedvjp.model import data as data_lib
 from fusedvjp.model import distributed
 from fusedvjp.model import mlp
 from fusedvjp.ops import IMPLS
+
+
+# The integer options' ranges (None: no upper bound). Past them a value would not fail
+# cleanly, or would not do what it says: JAX's PRNG keeps a seed's low 32 bits without x64
+# (2**32 would repeat seed 0's run; past int64 it overflows), each epoch's number is folded
+# into the shuffle key as a uint32, jax.distributed takes the process count as a C int, and
+# a hidden width of 2**31 would already need 6.7 TB of f32 weights (784 x 2**31 x 4 bytes;
+# past int64 it fails inside MLIR).
+INT_RANGES = {
+    "epochs": (1, 2**32 - 1),
+    "batch_size": (1, None),
+    "hidden": (1, 2**31 - 1),
+    "seed": (0, 2**32 - 1),
+    "max_steps": (1, None),
+    "num_processes": (1, 2**31 - 1),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,18 +75,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     multi.add_argument("--num-processes", type=int, metavar="N")
     multi.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, N)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "hidden"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, (lo, hi) in INT_RANGES.items():
+        value = getattr(args, name)
+        if value is None or lo <= value and (hi is None or value <= hi):
+            continue
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        p.error(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):  # inf and nan train straight to NaN
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.coordinator is not None:
+        host, sep, port = args.coordinator.rpartition(":")
+        if not (host and sep and re.fullmatch("[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+            p.error(f"--coordinator must be HOST:PORT with PORT in [1, 65535], got {args.coordinator!r}")
     multi_flags = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in multi_flags):
         if any(v is None for v in multi_flags):
             p.error("--coordinator, --num-processes and --process-id go together")
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        if not 0 <= args.process_id < args.num_processes:
             p.error(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
         args.data_parallel = True
     return args
@@ -86,6 +112,63 @@ def prepare_out(out: str | pathlib.Path) -> pathlib.Path:
     except OSError as e:
         raise SystemExit(f"error: --out {out} is not a writable directory: {e.strerror or e}") from None
     return out
+
+
+# What a run writes to --out, replaced together by write_outputs; the lock file hold_out takes.
+OUTPUT_NAMES = ("metrics.json", "curves.png", "predictions.png")
+LOCK_NAME = ".train.lock"
+
+
+def hold_out(out: pathlib.Path):
+    """Takes ``out`` for this run: an exclusive ``flock`` on ``out/.train.lock``, which
+    holds this process's pid. The lock lasts until the returned file is closed or the
+    process ends (a killed run leaves no stale lock); the file itself stays.
+
+    Raises:
+      SystemExit: another live run holds ``out`` (the message names its pid).
+    """
+    lock = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise SystemExit(f"error: --out {out} is held by another run (pid {holder}): wait for it to end, "
+                         "or pick another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def write_outputs(out: pathlib.Path, metrics: dict, params, dataset: data_lib.Dataset, impl: str) -> None:
+    """Writes :data:`OUTPUT_NAMES` into ``out`` as one set; the caller holds ``out`` (:func:`hold_out`).
+
+    The three are written into a staging folder in ``out`` first. Only when all are
+    complete are the previous run's three removed, and then the new ones renamed in: an
+    interrupt while writing leaves the previous set whole, one during the renames (three
+    unlinks and three renames) part of this run's set and nothing of the previous one's.
+    No reader sees files of two runs. Other files in ``out`` are left alone.
+    """
+    for stale in out.glob(".staging-*"):  # a killed run's; no live run stages here while we hold out
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot_curves(metrics["epochs"], staging / "curves.png")
+        plot_predictions(params, dataset, impl, staging / "predictions.png")
+        for name in OUTPUT_NAMES:  # on disk before any rename makes it visible
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        for name in OUTPUT_NAMES:
+            (out / name).unlink(missing_ok=True)
+        for name in OUTPUT_NAMES:
+            os.replace(staging / name, out / name)
+        data_lib.fsync_dir(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def accuracy(params, images, labels, impl, batch=2000, mesh=None) -> float:
@@ -223,6 +306,11 @@ def main(argv=None) -> dict:
     say = print if lead else (lambda *_: None)
     args.no_progress = args.no_progress or not lead
     out = prepare_out(args.out)
+    with hold_out(out) if lead else contextlib.nullcontext():
+        return _run(args, out, lead, say)
+
+
+def _run(args, out, lead, say) -> dict:
     try:
         parallel_mesh(args)  # a bad --batch-size fails here, before the data is loaded
     except ValueError as e:
@@ -242,10 +330,8 @@ def main(argv=None) -> dict:
     metrics = train(args, dataset, log=say)
     params = metrics.pop("params")
     if lead:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        plot_curves(metrics["epochs"], out / "curves.png")
-        plot_predictions(params, dataset, args.impl, out / "predictions.png")
-        say(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'predictions.png'}")
+        write_outputs(out, metrics, params, dataset, args.impl)
+        say(f"wrote {', '.join(str(out / name) for name in OUTPUT_NAMES)}")
     return metrics
 
 

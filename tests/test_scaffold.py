@@ -1,7 +1,10 @@
-"""The scaffold writes importable skeletons with TODOs, and refuses to overwrite."""
+"""The scaffold writes importable skeletons with TODOs, and refuses to overwrite; it writes
+all of them or nothing."""
 
 import importlib.util
 import inspect
+import os
+import pathlib
 import py_compile
 import shutil
 import sys
@@ -150,3 +153,84 @@ def test_refuses_bad_names_and_overwrites(tmp_path):
     scaffold.scaffold("my_op", root)
     with pytest.raises(FileExistsError, match="my_op exists; refusing"):
         scaffold.scaffold("my_op", root)
+
+
+def _snapshot(root):
+    """Every file's bytes and every folder under ``root``, to compare before and after."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("default, match", [
+    ("abc", "not a Python literal"),  # a NameError in ops/my_op.py, so in `import fusedvjp.ops`
+    ("print(1)", "not a Python literal"),
+    ("1,2", "not one expression in a signature"),  # `def my_op(..., eps=1,2, ...)`: a SyntaxError
+    ("1e-6  # tiny", "not one expression in a signature"),  # the comment would swallow the signature's rest
+    ("'\"\"\"'", "would not compile"),  # a literal, but it ends the op's docstring
+])
+def test_bad_defaults_write_nothing(tmp_path, default, match, capsys):
+    root = _tree(tmp_path)
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match=match):
+        scaffold.scaffold("my_op", root, ["scale"], {"eps": default})
+    with pytest.raises(SystemExit) as e:
+        scaffold.main(["my_op", "--option", f"eps={default}", "--root", str(root)])
+    assert str(e.value.code).startswith("error: ") and match in str(e.value.code)
+    assert _snapshot(root) == before
+    scaffold.scaffold("my_op", root, ["scale"], {"eps": "(1, 2)"})  # a tuple in parentheses is one
+    assert "def my_op(x, scale, *, eps=(1, 2), impl=" in (root / "ops" / "my_op.py").read_text()
+
+
+def test_an_option_given_twice_is_an_error():
+    with pytest.raises(ValueError, match="option 'eps' is given twice: eps=1e-6 and eps=1e-5"):
+        scaffold._parse_options(["eps=1e-6", "eps=1e-5"])
+
+
+@pytest.mark.parametrize("missing", ["tests", "kernels", "ops/registry.py"])
+def test_a_root_without_its_folders_writes_nothing_and_a_rerun_works(tmp_path, missing):
+    """Before, a root without tests/ was left with kernels/my_op/ and ops/my_op.py written,
+    and the rerun refused to overwrite them."""
+    root = _tree(tmp_path)
+    kept = (root / missing).read_bytes() if (root / missing).is_file() else None
+    if kept is None:
+        (root / missing).rmdir()
+    else:
+        (root / missing).unlink()
+    before = _snapshot(root)
+    with pytest.raises(FileNotFoundError, match=f"{root / missing} is not a "):
+        scaffold.scaffold("my_op", root, ["scale"], {"eps": "1e-6"})
+    assert _snapshot(root) == before
+    if kept is None:
+        (root / missing).mkdir()
+    else:
+        (root / missing).write_bytes(kept)
+    scaffold.scaffold("my_op", root, ["scale"], {"eps": "1e-6"})
+    assert (root / "tests" / "test_ops_my_op.py").exists()
+
+
+class _Interrupt(BaseException):
+    """A stand-in for KeyboardInterrupt (which pytest would take as the user's)."""
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), _Interrupt()])
+@pytest.mark.parametrize("failing", ["registry.py", "__init__.py"])
+def test_a_write_that_fails_is_undone(tmp_path, monkeypatch, fault, failing):
+    """The last writes (the rewrites of ops/registry.py, then ops/__init__.py) fail: the
+    files already written go, ops/registry.py gets its text back, and a rerun works."""
+    root = _tree(tmp_path)
+    (root / "ops" / "registry.py").chmod(0o640)
+    before = _snapshot(root)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if pathlib.Path(dst).name == failing:
+            raise fault
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing_replace)
+        with pytest.raises(type(fault)):
+            scaffold.scaffold("my_op", root, ["scale"], {"eps": "1e-6"})
+    assert _snapshot(root) == before
+    scaffold.scaffold("my_op", root, ["scale"], {"eps": "1e-6"})
+    assert "from fusedvjp.ops.my_op import my_op" in (root / "ops" / "__init__.py").read_text()
+    assert (root / "ops" / "registry.py").stat().st_mode & 0o777 == 0o640
