@@ -156,8 +156,8 @@ def layer_norm(x, scale, bias, *, eps=1e-6):
     except ImportError:
         return flax_layer_norm_math(x, scale, bias, eps=eps)
     module = nnx.LayerNorm(x.shape[-1], epsilon=eps, dtype=x.dtype, param_dtype=scale.dtype, rngs=nnx.Rngs(0))
-    module.scale.value = scale
-    module.bias.value = bias
+    module.scale.set_value(scale)
+    module.bias.set_value(bias)
     return module(x)
 
 

@@ -52,7 +52,8 @@ def _flax_layer_norm(x, scale, bias):
         var = jnp.maximum(0.0, jnp.mean(x32 * x32, -1, keepdims=True) - mean * mean)
         return ((x32 - mean) * (jax.lax.rsqrt(var + 1e-6) * scale) + bias).astype(x.dtype)
     module = nnx.LayerNorm(x.shape[-1], epsilon=1e-6, dtype=x.dtype, param_dtype=scale.dtype, rngs=nnx.Rngs(0))
-    module.scale.value, module.bias.value = scale, bias
+    module.scale.set_value(scale)
+    module.bias.set_value(bias)
     return module(x)
 
 
