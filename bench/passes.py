@@ -31,7 +31,7 @@ _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 # Instructions that only rename a buffer: no bytes move.
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id", "replica-id"}
 # Inside a fusion: uses of a parameter that read a few elements per row, not the array.
-_SPARSE_READS = {"gather", "dynamic-slice", "slice"}
+_SPARSE_READS = {"gather", "dynamic-slice"}
 # Results written in place into their first operand (XLA aliases the buffers).
 _IN_PLACE = {"scatter", "dynamic-update-slice"}
 # Inside a fusion: ops that pass a buffer through unchanged (followed to find its real users).
@@ -158,6 +158,8 @@ def count(hlo_text: str, elements: int) -> Passes:
         called = _CALLS.search(inst.attributes)
         body = computations.get(called.group(1), []) if called and inst.opcode == "fusion" else None
         for position, operand in enumerate(inst.operands):
+            if inst.opcode in _IN_PLACE and position == 0:
+                continue  # written into in place, a few elements per row
             if any(n >= elements for n in shapes.get(operand, [])) and (body is None or _reads_whole(body, position)):
                 reads += 1
                 where.append(f"r {inst.name}({operand})")
