@@ -41,6 +41,7 @@ without ``impl``); an op with none gets no ``user`` row and is judged against ``
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -57,13 +58,11 @@ class Baseline:
       code: what users write, for the tables (``optax.softmax_cross_entropy(logits, labels)``).
       fn: ``fn(*arrays, **options)`` with the registry's positional arrays (``OpSpec.fn``
         without ``impl``); returns what the op returns.
-      needs: the optional package it imports (``"optax"``), or None.
     """
 
     op: str
     code: str
     fn: Callable[..., Any]
-    needs: str | None = None
 
 
 BASELINES: dict[str, Baseline] = {}
@@ -200,13 +199,12 @@ def sgd_step(params, x, y, lr):
 
 
 _XENT = "optax.softmax_cross_entropy_with_integer_labels"
-register(Baseline("softmax_cross_entropy_with_integer_labels", f"{_XENT}(logits, labels)", integer_label_xent,
-                  "optax"))
-register(Baseline("softmax_cross_entropy", "optax.softmax_cross_entropy(logits, labels)", probability_label_xent,
-                  "optax"))
-register(Baseline("linear_softmax_cross_entropy_with_integer_labels", f"{_XENT}(x @ w + b, labels)",
-                  lambda x, w, b, labels, **options: linear_xent(x, w, b, labels, **options), "optax"))
-register(Baseline("layer_norm", "flax.nnx.LayerNorm (or its math: f32 statistics, var = E[x^2] - E[x]^2)",
-                  layer_norm))
+register(Baseline("softmax_cross_entropy_with_integer_labels", f"{_XENT}(logits, labels)", integer_label_xent))
+register(Baseline("softmax_cross_entropy", "optax.softmax_cross_entropy(logits, labels)", probability_label_xent))
+register(Baseline("linear_softmax_cross_entropy_with_integer_labels", f"{_XENT}(x @ w + b, labels)", linear_xent))
+# The table names the code this process runs: Flax's module, or its math where Flax is absent.
+_LAYER_NORM_CODE = ("flax.nnx.LayerNorm(D, epsilon=eps)(x)" if importlib.util.find_spec("flax") is not None else
+                    "Flax's LayerNorm math in jnp (Flax not installed): f32 statistics, var = E[x^2] - E[x]^2")
+register(Baseline("layer_norm", _LAYER_NORM_CODE, layer_norm))
 register(Baseline("dense_tanh", "jnp.tanh(x @ w + b)", lambda x, w, b: dense(x, w, b, activation="tanh")))
 register(Baseline("dense", "x @ w + b", dense))
