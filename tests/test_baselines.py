@@ -11,6 +11,7 @@ comparison allows that plain bf16 computation's error (``BF16_USER``).
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +98,10 @@ def test_flax_math_is_flax(rng):
     del nnx
     args = registry.get("layer_norm").make_inputs(rng, (37, 784), jnp.float32)
     assert_close(baselines.layer_norm(*args), baselines.flax_layer_norm_math(*args), jnp.float32)
+
+
+def test_without_optax_the_user_row_says_what_to_install(monkeypatch, rng):
+    monkeypatch.setitem(sys.modules, "optax", None)  # import optax now raises ImportError
+    spec = registry.get("softmax_cross_entropy_with_integer_labels")
+    with pytest.raises(ImportError, match=r"pip install optax"):
+        baselines.get(spec.name).fn(*spec.make_inputs(rng, (5, 10), jnp.float32))
