@@ -1,8 +1,9 @@
 """Benchmark the ops against XLA: ``python -m fusedvjp.bench [options]``.
 
 Times every (op, shape, dtype, mode) for each impl under ``jax.jit`` and prints a table
-whose first column is the speedup over ``impl="xla"`` (XLA's autodiff of the plain-jnp
-reference). With ``--out DIR`` it writes results.json, results.md and roofline.png.
+whose first column is the speedup over the baseline: the faster of the users' code
+(``user``: optax, Flax's LayerNorm, ``jnp.tanh(x @ w + b)``; :mod:`fusedvjp.bench.baselines`)
+and the op's reference (``xla``: XLA's autodiff of the plain-jnp reference). With ``--out DIR`` it writes results.json, results.md and roofline.png.
 ``--table DIR/results.json`` prints the table of an earlier run.
 ``--static --target h100|h200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
 this CPU machine and reports what the compiler decided (see :mod:`fusedvjp.bench.static`).
@@ -123,7 +124,10 @@ def run_case(case: cases_lib.Case, impls, roof: roofline.Roofline, *, quick: boo
 
 def _notes(args, partial: bool) -> list[str]:
     notes = [
-        "speedup = xla median / impl median; xla is JAX's autodiff of the plain-jnp reference.",
+        "speedup = baseline median / impl median; the baseline is the faster of user (the users' code, compiled "
+        "by XLA) and xla (JAX's autodiff of the op's plain-jnp reference, the tests' oracle); the row's baseline "
+        "field names which.",
+        report.baseline_legend() + ".",
         "f32 matmuls run at Precision.HIGHEST (IEEE f32) in every impl and in the f32 ceiling; "
         "bf16 is the headline for llm shapes.",
         "Each row: median and p20/p80 of per-call times under jax.jit (inputs on the device, compile excluded "
@@ -132,7 +136,7 @@ def _notes(args, partial: bool) -> list[str]:
         "max(bytes / copy bandwidth, flops / matmul rate of the dtype).",
         "fwd+bwd = jax.vjp of the op w.r.t. its differentiable inputs, applied to a random cotangent.",
         "device ms = median over profiled calls of the device time per call (union of its kernels' intervals in a "
-        "jax.profiler trace; torch rows fall back to CUDA events, marked *), dev speedup = xla device ms / device ms, "
+        "jax.profiler trace; torch rows fall back to CUDA events, marked *), dev speedup = baseline device ms / device ms, "
         "% roof dev = roofline time / device ms; n/a (CPU) on a CPU. loop ms = one call's share of "
         f"N calls run in one dispatch (lax.fori_loop, N = --loop-n, inputs unchanged), for rows under "
         f"{measure.LAUNCH_BOUND_MS} ms: dispatch amortized.",

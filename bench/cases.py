@@ -20,12 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusedvjp.bench import baselines
 from fusedvjp.model import mlp
 from fusedvjp.ops import registry
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 MODES = ("fwd", "fwd+bwd")
-IMPLS = ("pallas", "xla", "jnp")
+# "user": the op as its users write it (bench/baselines.py), the baseline with "xla".
+USER = "user"
+IMPLS = ("pallas", USER, "xla", "jnp")
 SHAPE_SETS = ("mnist", "llm")
 TRAIN_STEP = "mnist_train_step"
 # Short names accepted by --ops and shown in tables.
@@ -235,22 +238,36 @@ class Case:
         copies = 1 if nbytes >= ROTATE_BELOW_BYTES else min(max_copies, -(-ROTATE_BELOW_BYTES // max(nbytes, 1)))
         return [first] + [jax.device_put(self.make_inputs(seed + i)) for i in range(1, copies)]
 
+    def has_impl(self, impl: str) -> bool:
+        """Whether this case has a row for ``impl``: every impl but ``"user"``, which only
+        an op with a registered baseline (:mod:`fusedvjp.bench.baselines`) has."""
+        return impl != USER or self.spec is None or baselines.get(self.op) is not None
+
     def function(self, impl: str) -> Callable[..., Any]:
         """The function to jit for ``impl``; it takes one input set from :meth:`make_inputs`.
 
-        fwd: ``op(*args, impl=impl)``. fwd+bwd: ``jax.vjp`` of the op with respect to
+        fwd: ``op(*args, impl=impl)``, or for ``impl="user"`` the users' formulation
+        (:mod:`fusedvjp.bench.baselines`). fwd+bwd: ``jax.vjp`` of that with respect to
         ``spec.diff_argnums``, applied to the cotangent (the last argument); returns
         ``(out, grads)``. Identical for every impl, so only the implementation differs.
         ``mnist_train_step``: one :func:`mlp.sgd_step` (its donation is inert when nested in
-        this jit, so the same inputs can be reused).
+        this jit, so the same inputs can be reused), or :func:`baselines.sgd_step` for "user".
+
+        Raises:
+          ValueError: ``impl="user"`` for an op with no registered baseline.
         """
         if self.spec is None:
+            if impl == USER:
+                return lambda params, x, y: baselines.sgd_step(params, x, y, TRAIN_STEP_LR)
             return functools.partial(_train_step, impl=impl)
         spec = self.spec
-        op = functools.partial(spec.fn, impl=impl)
-        if self.mode == "fwd":
-            return op
-        return functools.partial(_fwd_bwd, op, spec.diff_argnums)
+        if impl == USER:
+            if not self.has_impl(USER):
+                raise ValueError(f"{self.op} has no user baseline (bench/baselines.py registers none)")
+            op = baselines.get(self.op).fn
+        else:
+            op = functools.partial(spec.fn, impl=impl)
+        return self.wrap(op)
 
     def wrap(self, op: Callable[..., Any]) -> Callable[..., Any]:
         """``op`` (a function of the op's arrays, e.g. a peer library's) in this case's mode,

@@ -15,7 +15,9 @@
 #    benchmark shapes (bench/sweep_candidates.json, pre-filtered on a CPU), the winners in
 #    $OUT/tuning.json (commit it as kernels/tuning.json) and every timing in $OUT/sweep.json;
 # 4. bench: python -m fusedvjp.bench with the tuned table (FUSEDVJP_TUNING) and the peers
-#    (tokamax, torch, torch.compile, Liger): wall and device time; the cases the targets
+#    (tokamax, torch, torch.compile, Liger) against the baseline (the users' code -- optax,
+#    Flax's LayerNorm, jnp.tanh(x @ w + b), bench/baselines.py -- or xla where faster): wall
+#    and device time; the cases the targets
 #    judge first, then bf16 before f32 (a time limit drops the rest, not the headline);
 # 5. train: the MNIST MLP for each impl (full MNIST if its IDX files are in
 #    $DATA_DIR/MNIST/raw, else the shipped 10k sample);

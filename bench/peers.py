@@ -2,7 +2,8 @@
 
 Each peer is a :class:`Peer` in :data:`PEERS`; its rows appear in the table as extra impls
 (``peer:tokamax``, ``peer:torch``, ``peer:torch.compile``, ``peer:liger``) with the same
-bytes, flops and roofline columns and the speedup over ``xla``. A peer that cannot run says
+bytes, flops and roofline columns and the speedup over the baseline (the faster of ``user``,
+the users' code, and ``xla``). A peer that cannot run says
 why (``results.json["peers"]["skipped"]``, and a section of results.md):
 
 * JAX: tokamax -- ``tokamax.layer_norm`` (its Triton kernel) for our ``layer_norm``, and
@@ -12,7 +13,7 @@ why (``results.json["peers"]["skipped"]``, and a section of results.md):
   memory-bounded one, ``mosaic_tpu`` a TPU's; ``chunked_xla`` is right only where V is a
   multiple of its 2048-column block, skipped elsewhere). Its other ops (attention, gated linear unit,
   ragged dot, triangle multiplication) have no counterpart here. optax's losses are our
-  ``xla`` rows already.
+  ``user`` rows already (``bench/baselines.py``).
 * PyTorch on the same GPU: ``torch.nn.functional`` eager and under ``torch.compile``
   (cross-entropy with integer and with probability labels, layer_norm, ``tanh(addmm)`` for
   dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm and fused linear

@@ -51,6 +51,8 @@ def pytest_generate_tests(metafunc):
 
 
 def test_op(benchmark, case, impl, request):
+    if not case.has_impl(impl):
+        pytest.skip(f"{case.op} has no {impl} baseline (bench/baselines.py)")
     rounds = 30 if request.config.getoption("--bench-full") else 5
     inputs = case.input_copies(seed=0, max_copies=cases_lib.MAX_COPIES if rounds >= 30 else 2)
     compiled = compile_or_fail(case, impl, inputs[0])

@@ -1,6 +1,7 @@
 """The public ops. Each takes ``impl=`` in {"auto", "pallas", "jnp", "xla"}:
 
-* ``"xla"``: plain jnp, differentiated by JAX's autodiff (the benchmark baseline);
+* ``"xla"``: plain jnp, differentiated by JAX's autodiff (the oracle; the benchmark
+  times it beside the users' code, ``bench/baselines.py``);
 * ``"jnp"``: jnp forward with the hand-written ``custom_vjp`` backward;
 * ``"pallas"``: the fused Pallas kernels in both directions (interpret mode on CPU);
 * ``"auto"``: pallas on GPU/TPU, jnp on CPU.

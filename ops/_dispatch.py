@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from fusedvjp.ops import _sharding
 
 IMPLS = ("auto", "xla", "jnp", "pallas")
-# "xla": the plain-jnp reference, differentiated by JAX's autodiff (the baseline).
+# "xla": the plain-jnp reference, differentiated by JAX's autodiff (the oracle).
 # "jnp": jnp forward + the hand-written custom_vjp backward.
 # "pallas": the Pallas kernels in both directions (interpret mode on CPU).
 # "auto": pallas on GPU/TPU, jnp on CPU.

@@ -1,6 +1,7 @@
 """The benchmark's opponent is what a user would write: no f32 x f32 matmul in a bf16 backward.
 
-``impl="xla"`` (XLA's autodiff of the plain-jnp reference) and ``impl="jnp"`` (the
+The ``user`` baselines (``bench/baselines.py``: optax, Flax's LayerNorm, ``jnp.tanh(x @ w +
+b)``), ``impl="xla"`` (XLA's autodiff of the plain-jnp reference) and ``impl="jnp"`` (the
 hand-written VJP in jnp) must run every matmul of a bf16 forward and backward on bf16
 operands with f32 accumulation at default precision -- the tensor-core math the kernels
 do and the math of ``jnp.tanh(x @ w + b)``. An f32 x f32 HIGHEST matmul there would be
@@ -17,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from fusedvjp.bench import baselines
 from fusedvjp.ops import registry
+
+IMPLS = ("user", "xla", "jnp")
 
 _DOT = re.compile(r"stablehlo\.dot_general.*?precision = \[(\w+), (\w+)\].*?:\s*\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)")
 
@@ -36,14 +40,21 @@ def dots(fn, *args) -> list[tuple[str, str, str]]:
 
 
 def fwd_bwd(spec, impl):
+    if impl == "user":
+        if baselines.get(spec.name) is None:
+            pytest.skip(f"{spec.name} has no user baseline")
+        op = baselines.get(spec.name).fn
+    else:
+        op = functools.partial(spec.fn, impl=impl)
+
     def f(*args):
-        out, vjp = registry.vjp_wrt(functools.partial(spec.fn, impl=impl), args, spec.diff_argnums)
+        out, vjp = registry.vjp_wrt(op, args, spec.diff_argnums)
         return out, vjp(jnp.ones_like(out))
 
     return f
 
 
-@pytest.mark.parametrize("impl", ("xla", "jnp"))
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("spec", list(registry.REGISTRY.values()), ids=lambda s: s.name)
 def test_bf16_forward_and_backward_matmuls_take_bf16_operands(spec, impl):
     shape = spec.test_shapes[0]
@@ -54,7 +65,7 @@ def test_bf16_forward_and_backward_matmuls_take_bf16_operands(spec, impl):
         assert len(found) == 3, found  # forward, dx, dW
 
 
-@pytest.mark.parametrize("impl", ("xla", "jnp"))
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ("dense", "dense_tanh"))
 def test_f32_matmuls_stay_ieee(name, impl):
     spec = registry.get(name)
