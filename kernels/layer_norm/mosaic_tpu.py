@@ -53,7 +53,7 @@ def check_block_sizes(bs: LayerNormBlockSizes, rows: int, cols: int) -> None:
         )
 
 
-def _vmem_bytes(block_rows: int, cols: int, dtype) -> int:
+def vmem_bytes(block_rows: int, cols: int, dtype) -> int:
     """VMEM of the backward kernel: double-buffered x, g, dx blocks + ~4 f32 temporaries."""
     return block_rows * cols * (3 * 2 * jnp.dtype(dtype).itemsize + 4 * 4)
 
@@ -108,7 +108,7 @@ def _bwd_kernel(*refs, n, has_scale, has_bias):
 def _block_rows(x, block_sizes) -> int:
     n, d = x.shape
     bs = block_sizes or LayerNormBlockSizes.default(n, d, x.dtype, "mosaic_tpu")
-    vmem = _vmem_bytes(bs.block_rows, d, x.dtype)
+    vmem = vmem_bytes(bs.block_rows, d, x.dtype)
     if vmem > VMEM_BUDGET:
         raise NotImplementedError(
             f"rows of D={d} need ~{vmem} bytes of VMEM at block_rows={bs.block_rows}, more than the "
@@ -117,7 +117,7 @@ def _block_rows(x, block_sizes) -> int:
     return bs.block_rows
 
 
-def _row_vector(p, d):
+def row_vector(p, d):
     """A [D] parameter as the [1, D] array its BlockSpec takes; None stays None."""
     return None if p is None else p.reshape(1, d)
 
@@ -140,7 +140,7 @@ def fwd(x, scale, bias, *, eps, block_sizes, interpret):
         cost_estimate=cost_estimate(x, has_scale=has_scale, has_bias=has_bias, backward=False),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_layer_norm_fwd",
-    )(*present_arrays(x, _row_vector(scale, d), _row_vector(bias, d)))
+    )(*present_arrays(x, row_vector(scale, d), row_vector(bias, d)))
     return y, (mean.reshape(n), rstd.reshape(n))
 
 
@@ -166,5 +166,5 @@ def bwd(x, scale, mean, rstd, g, *, has_bias, block_sizes, interpret):
         cost_estimate=cost_estimate(x, has_scale=has_scale, has_bias=has_bias, backward=True),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_layer_norm_bwd",
-    )(*present_arrays(x, _row_vector(scale, d), mean.reshape(n, 1), rstd.reshape(n, 1), g))
+    )(*present_arrays(x, row_vector(scale, d), mean.reshape(n, 1), rstd.reshape(n, 1), g))
     return dx, *finish_column_sums(partials, has_scale, has_bias, x.dtype)

@@ -50,28 +50,28 @@ def check_block_sizes(bs: LayerNormBlockSizes, rows: int, cols: int) -> None:
             raise ValueError(f"triton: LayerNormBlockSizes.{field}={value} must be a power of two")
 
 
-def _iota(size: int) -> jax.Array:
+def iota(size: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, (size,), 0)
 
 
-def _col_start(j, block_cols: int) -> jax.Array:
+def col_start(j, block_cols: int) -> jax.Array:
     """First column of column block ``j``, int32 like ``program_id``: a Python int or a loop
     index is int64 under x64, and Pallas indexing takes one integer type per slice."""
     return lax.convert_element_type(j, jnp.int32) * block_cols
 
 
-def _tile(ref, col0, *, row0, row_ok, block_rows, block_cols):
+def load_tile(ref, col0, *, row0, row_ok, block_rows, block_cols):
     """Loads ref[row0:+block_rows, col0:+block_cols] as f32; returns (tile, valid), tile 0 where invalid."""
-    cols = col0 + _iota(block_cols)
+    cols = col0 + iota(block_cols)
     valid = row_ok[:, None] & (cols < ref.shape[1])[None, :]
     window = ref.at[pl.ds(row0, block_rows), pl.ds(col0, block_cols)]
     tile = plgpu.load(window, mask=valid, other=0.0).astype(jnp.float32)
     return jnp.where(valid, tile, 0.0), valid
 
 
-def _vector(ref, col0, *, block_cols):
+def load_vector(ref, col0, *, block_cols):
     """Loads a [D] parameter's [block_cols] window as f32, 0 past D."""
-    col_ok = col0 + _iota(block_cols) < ref.shape[0]
+    col_ok = col0 + iota(block_cols) < ref.shape[0]
     v = plgpu.load(ref.at[pl.ds(col0, block_cols)], mask=col_ok, other=0.0).astype(jnp.float32)
     return jnp.where(col_ok, v, 0.0)
 
@@ -86,9 +86,9 @@ def _fwd_kernel(*refs, eps, has_scale, has_bias, block_rows, block_cols):
     x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = unpack_refs(refs, present)
     n, d = x_ref.shape
     row0 = pl.program_id(0) * block_rows
-    row_ok = row0 + _iota(block_rows) < n
-    tile = functools.partial(_tile, row0=row0, row_ok=row_ok, block_rows=block_rows, block_cols=block_cols)
-    vector = functools.partial(_vector, block_cols=block_cols)
+    row_ok = row0 + iota(block_rows) < n
+    tile = functools.partial(load_tile, row0=row0, row_ok=row_ok, block_rows=block_rows, block_cols=block_cols)
+    vector = functools.partial(load_vector, block_cols=block_cols)
     num_col_blocks = pl.cdiv(d, block_cols)
 
     def block_stats(x, valid, count):
@@ -98,7 +98,7 @@ def _fwd_kernel(*refs, eps, has_scale, has_bias, block_rows, block_cols):
         return mean, jnp.sum(dev * dev, axis=1)
 
     def store_y(x, col0, mean, rstd):
-        cols = col0 + _iota(block_cols)
+        cols = col0 + iota(block_cols)
         y = (x - mean[:, None]) * rstd[:, None]
         if scale_ref is not None:
             y = y * vector(scale_ref, col0)[None, :]
@@ -108,7 +108,7 @@ def _fwd_kernel(*refs, eps, has_scale, has_bias, block_rows, block_cols):
         plgpu.store(window, y.astype(y_ref.dtype), mask=row_ok[:, None] & (cols < d)[None, :])
 
     if num_col_blocks == 1:  # the whole row in one tile: load it once
-        x, valid = tile(x_ref, _col_start(0, block_cols))
+        x, valid = tile(x_ref, col_start(0, block_cols))
         mean, m2 = block_stats(x, valid, float(d))
     else:
         # Chan et al.'s pairwise update: merging the first c columns (mean_a, m2_a) with
@@ -117,7 +117,7 @@ def _fwd_kernel(*refs, eps, has_scale, has_bias, block_rows, block_cols):
         # All blocks but the last are full, so c = j * block_cols.
         def stats_body(j, carry):
             mean_a, m2_a = carry
-            col0 = _col_start(j, block_cols)
+            col0 = col_start(j, block_cols)
             x, valid = tile(x_ref, col0)
             c = col0.astype(jnp.float32)
             b = jnp.minimum(block_cols, d - col0).astype(jnp.float32)
@@ -132,12 +132,12 @@ def _fwd_kernel(*refs, eps, has_scale, has_bias, block_rows, block_cols):
     plgpu.store(rstd_ref.at[pl.ds(row0, block_rows)], rstd, mask=row_ok)
 
     if num_col_blocks == 1:
-        store_y(x, _col_start(0, block_cols), mean, rstd)
+        store_y(x, col_start(0, block_cols), mean, rstd)
     else:
 
         @pl.loop(0, num_col_blocks)
         def _(j):
-            col0 = _col_start(j, block_cols)
+            col0 = col_start(j, block_cols)
             store_y(tile(x_ref, col0)[0], col0, mean, rstd)
 
 
@@ -153,8 +153,8 @@ def _bwd_kernel(*refs, has_scale, has_bias, block_rows, block_cols):
     n, d = x_ref.shape
     i = pl.program_id(0)
     row0 = i * block_rows
-    row_ok = row0 + _iota(block_rows) < n
-    tile = functools.partial(_tile, row0=row0, row_ok=row_ok, block_rows=block_rows, block_cols=block_cols)
+    row_ok = row0 + iota(block_rows) < n
+    tile = functools.partial(load_tile, row0=row0, row_ok=row_ok, block_rows=block_rows, block_cols=block_cols)
     num_col_blocks = pl.cdiv(d, block_cols)
     # Rows past N load mean 0, rstd 0: their xhat is 0 and their g tile is 0.
     mean = plgpu.load(mean_ref.at[pl.ds(row0, block_rows)], mask=row_ok, other=0.0)[:, None]
@@ -165,13 +165,13 @@ def _bwd_kernel(*refs, has_scale, has_bias, block_rows, block_cols):
         x, valid = tile(x_ref, col0)
         g, _ = tile(g_ref, col0)
         xhat = jnp.where(valid, (x - mean) * rstd, 0.0)
-        dxhat = g if scale_ref is None else g * _vector(scale_ref, col0, block_cols=block_cols)[None, :]
+        dxhat = g if scale_ref is None else g * load_vector(scale_ref, col0, block_cols=block_cols)[None, :]
         return xhat, dxhat, g, valid
 
     def reduce_block(col0, block, carry):
         """Per-row sums for dx; this row block's column sums for dscale, dbias."""
         xhat, dxhat, g, _ = block
-        cols = col0 + _iota(block_cols)
+        cols = col0 + iota(block_cols)
         window = (pl.ds(i, 1), pl.ds(col0, block_cols))
         col_ok = (cols < d)[None, :]
         if dscale_ref is not None:
@@ -189,25 +189,25 @@ def _bwd_kernel(*refs, has_scale, has_bias, block_rows, block_cols):
 
     zeros = jnp.zeros((block_rows,), jnp.float32)
     if num_col_blocks == 1:  # the whole row in one tile: load x and g once
-        block = load_block(_col_start(0, block_cols))
+        block = load_block(col_start(0, block_cols))
         xhat, dxhat, _, valid = block
-        sums = reduce_block(_col_start(0, block_cols), block, (zeros, zeros))
+        sums = reduce_block(col_start(0, block_cols), block, (zeros, zeros))
     else:
 
         def reduce_body(j, carry):
-            col0 = _col_start(j, block_cols)
+            col0 = col_start(j, block_cols)
             return reduce_block(col0, load_block(col0), carry)
 
         sums = lax.fori_loop(0, num_col_blocks, reduce_body, (zeros, zeros))
     c1, c2 = sums[0] / d, sums[1] / d
 
     if num_col_blocks == 1:
-        store_dx(_col_start(0, block_cols), xhat, dxhat, valid, c1, c2)
+        store_dx(col_start(0, block_cols), xhat, dxhat, valid, c1, c2)
     else:
 
         @pl.loop(0, num_col_blocks)
         def _(j):
-            col0 = _col_start(j, block_cols)
+            col0 = col_start(j, block_cols)
             xhat, dxhat, _, valid = load_block(col0)
             store_dx(col0, xhat, dxhat, valid, c1, c2)
 
