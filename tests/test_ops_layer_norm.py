@@ -80,9 +80,9 @@ def test_eps_is_checked_in_the_compute_dtype(impl, eps):
     would give rsqrt(0) and NaN. 1e-40 is a float32 subnormal, flushed to 0 on CPU/GPU;
     with 1e-30, rsqrt's derivative (1e-30)**-1.5 is inf in float32."""
     with pytest.raises(ValueError, match=rf"eps={re.escape(repr(eps))} is .* in float32, the dtype it is added in"):
-        ops.layer_norm(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3), eps=eps, impl=impl)
+        ops.layer_norm(jnp.ones((2, 3), jnp.float32), jnp.ones(3), jnp.zeros(3), eps=eps, impl=impl)
     with pytest.raises(ValueError, match="float32"):
-        kernels.layer_norm_fwd(jnp.ones((2, 3)), None, None, eps=eps)
+        kernels.layer_norm_fwd(jnp.ones((2, 3), jnp.float32), None, None, eps=eps)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -82,7 +82,7 @@ def _plain_bf16_vjp(x, scale, g):
          "eps-inf-derivative", "impl"],
 )
 def test_bad_input_errors(kwargs, error, match):
-    args = dict(x=jnp.ones((2, 3)), scale=jnp.ones(3))
+    args = dict(x=jnp.ones((2, 3), jnp.float32), scale=jnp.ones(3))
     args.update(kwargs)
     options = {k: args.pop(k) for k in ("eps", "impl") if k in args}
     with pytest.raises(error, match=match):
