@@ -6,7 +6,8 @@ bytes, flops and roofline columns and the speedup over the baseline (the faster 
 the users' code, and ``xla``). A peer that cannot run says
 why (``results.json["peers"]["skipped"]``, and a section of results.md):
 
-* JAX: tokamax -- ``tokamax.layer_norm`` (its Triton kernel) for our ``layer_norm``, and
+* JAX: tokamax -- ``tokamax.layer_norm`` (its Triton kernel) for our ``layer_norm`` and, with
+  ``subtract_mean=False``, our ``rms_norm``, and
   ``tokamax.linear_softmax_cross_entropy_loss(x, labels, weights [D, V], reduction="none",
   implementation="chunked_xla")`` for our ``linear_softmax_cross_entropy_with_integer_labels``
   (0.0.17 has no GPU kernel for it: ``xla`` materializes the logits, ``chunked_xla`` is its
@@ -15,9 +16,9 @@ why (``results.json["peers"]["skipped"]``, and a section of results.md):
   ragged dot, triangle multiplication) have no counterpart here. optax's losses are our
   ``user`` rows already (``bench/baselines.py``).
 * PyTorch on the same GPU: ``torch.nn.functional`` eager and under ``torch.compile``
-  (cross-entropy with integer and with probability labels, layer_norm, ``tanh(addmm)`` for
-  dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm and fused linear
-  cross-entropy; Apple's cut-cross-entropy (``linear_cross_entropy``) for the linear
+  (cross-entropy with integer and with probability labels, layer_norm, rms_norm, ``tanh(addmm)``
+  for dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm, rms_norm and
+  fused linear cross-entropy; Apple's cut-cross-entropy (``linear_cross_entropy``) for the linear
   cross-entropy.
 
 The linear cross-entropy peers, as the benchmark calls our op (no options: per-row losses,
@@ -73,8 +74,9 @@ import numpy as np
 XENT = "softmax_cross_entropy_with_integer_labels"
 XENT_PROB = "softmax_cross_entropy"
 LCE = "linear_softmax_cross_entropy_with_integer_labels"
-# The eps of our layer_norm's default (the benchmark passes no options).
+# The eps of our layer_norm's and rms_norm's defaults (the benchmark passes no options).
 LAYER_NORM_EPS = 1e-6
+RMS_NORM_EPS = 1e-6
 
 
 class PeerSkip(Exception):
@@ -289,6 +291,15 @@ def _tokamax_layer_norm(case):
     return layer_norm
 
 
+def _tokamax_rms_norm(case):
+    tokamax = import_tokamax()
+
+    def rms_norm(x, scale):
+        return tokamax.layer_norm(x, scale, None, epsilon=RMS_NORM_EPS, subtract_mean=False, implementation="triton")
+
+    return rms_norm
+
+
 def bias_fold_width(d: int) -> int:
     """Columns appended to x (a ones column, then zeros) and rows to W (b, then zeros) for a
     peer without a bias: D + width is a multiple of 8 (16-byte rows in bf16)."""
@@ -334,12 +345,13 @@ def _tokamax_lce(case):
 
 register(Peer(
     name="peer:tokamax",
-    ops={"layer_norm": _tokamax_layer_norm, LCE: _tokamax_lce},
+    ops={"layer_norm": _tokamax_layer_norm, "rms_norm": _tokamax_rms_norm, LCE: _tokamax_lce},
     availability=_tokamax_ok,
     no_match={
         "tokamax.gated_linear_unit": "act(x @ W_gate) * (x @ W_up), not dense_tanh's tanh(x @ W + b)",
     },
-    note="tokamax.layer_norm(implementation='triton'); tokamax.linear_softmax_cross_entropy_loss(reduction='none', "
+    note="tokamax.layer_norm(implementation='triton'; subtract_mean=False for rms_norm); "
+         "tokamax.linear_softmax_cross_entropy_loss(reduction='none', "
          "implementation='chunked_xla'), bias folded into x and W inside the timed call, f32 forward at HIGHEST; "
          "xprof stubbed if missing (import only)",
 ))
@@ -434,6 +446,11 @@ def _torch_ops(compiled: bool) -> dict[str, Callable[[Any], ExternalOp]]:
 
         return lambda x, scale, bias: F.layer_norm(x, (x.shape[-1],), scale, bias, eps=LAYER_NORM_EPS)
 
+    def rms_norm():
+        import torch.nn.functional as F
+
+        return lambda x, scale: F.rms_norm(x, (x.shape[-1],), scale, eps=RMS_NORM_EPS)
+
     def dense_tanh():
         import torch
 
@@ -445,7 +462,7 @@ def _torch_ops(compiled: bool) -> dict[str, Callable[[Any], ExternalOp]]:
         return lambda x, w, b: torch.addmm(b, x, w)
 
     return {XENT: wrap(xent, _long_labels), XENT_PROB: wrap(xent), "layer_norm": wrap(layer_norm),
-            "dense_tanh": wrap(dense_tanh), "dense": wrap(dense)}
+            "rms_norm": wrap(rms_norm), "dense_tanh": wrap(dense_tanh), "dense": wrap(dense)}
 
 
 def _torch_compile_ok(platform: str, named: bool) -> str | None:
@@ -464,7 +481,7 @@ register(Peer(
     ops=_torch_ops(compiled=False),
     availability=_torch_ok,
     adapter=torch_adapter,
-    note="torch.nn.functional eager: cross_entropy(reduction='none'), layer_norm, tanh(addmm), addmm",
+    note="torch.nn.functional eager: cross_entropy(reduction='none'), layer_norm, rms_norm, tanh(addmm), addmm",
 ))
 
 register(Peer(
@@ -486,6 +503,16 @@ def _liger_layer_norm(case):
     from liger_kernel.transformers.functional import liger_layer_norm
 
     return ExternalOp(lambda x, scale, bias: liger_layer_norm(x, scale, bias, LAYER_NORM_EPS))
+
+
+def _liger_rms_norm(case):
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    # casting_mode="gemma": everything in f32, one rounding at the end, as ours (the
+    # default "llama" rounds x * rstd to x's dtype before the scale); in_place=False keeps
+    # the cotangent intact for the next timed call.
+    return ExternalOp(lambda x, scale: liger_rms_norm(x, scale, RMS_NORM_EPS, offset=0.0, casting_mode="gemma",
+                                                      in_place=False))
 
 
 def _lce_torch_prepare(fold_bias: bool) -> Callable[[list], list]:
@@ -535,14 +562,15 @@ def _liger_lce(case):
 
 register(Peer(
     name="peer:liger",
-    ops={XENT: _liger_xent, "layer_norm": _liger_layer_norm, LCE: _liger_lce},
+    ops={XENT: _liger_xent, "layer_norm": _liger_layer_norm, "rms_norm": _liger_rms_norm, LCE: _liger_lce},
     availability=_gpu_only("liger_kernel", "Liger-Kernel (Triton)"),
     adapter=torch_adapter,
     no_match={
         "liger_cross_entropy with probability labels": "Liger's cross-entropy takes integer labels only",
     },
     note="liger_cross_entropy(reduction='none') (dlogits computed in the forward, written over the logits), "
-         "liger_layer_norm, liger_fused_linear_cross_entropy(reduction='none', bias; weight [V, D] transposed "
+         "liger_layer_norm, liger_rms_norm(casting_mode='gemma', in_place=False), "
+         "liger_fused_linear_cross_entropy(reduction='none', bias; weight [V, D] transposed "
          "once, untimed)",
 ))
 

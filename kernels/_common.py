@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -32,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -328,6 +330,26 @@ def check_block_sizes(block_sizes: Any, cls: type, backend: str | None, *dims: i
     for name in (backend,) if backend else backends:
         block_sizes.check(*dims, name)
 
+
+
+def check_variance_eps(name: str, value: float, dtype) -> None:
+    """Raises ValueError unless ``value``, an eps added to a variance in ``dtype``, keeps
+    ``rsqrt(var + eps)`` and its derivative finite for every ``var >= 0``.
+
+    The derivative of ``rsqrt(v)`` is ``-rsqrt(v) / (2 v)``, about ``v**-1.5``: it is finite
+    for ``v >= (max / 8)**(-2/3)`` (8.2e-26 in float32). A smaller eps (1e-50 is 0 in
+    float32; 1e-40 a subnormal, flushed to 0) makes a constant row's output or its
+    autodiff gradient (``impl="xla"``) inf or NaN.
+    """
+    info = jnp.finfo(dtype)
+    lo, hi = (float(info.max) / 8) ** (-2 / 3), float(info.max)
+    rounded = float(np.asarray(value, info.dtype)) if abs(float(value)) <= hi else float(value) * math.inf
+    if not lo <= rounded <= hi:
+        raise ValueError(
+            f"{name}={value!r} is {rounded!r} in {info.dtype}, the dtype it is added in; it must be in "
+            f"[{lo:.3g}, {hi:.4g}] there: a smaller one makes rsqrt(var + {name}) or its derivative of a constant "
+            f"row inf (1e-50 is 0 in float32, and subnormals flush to 0), and NaN follows"
+        )
 
 # --- measured block sizes: the tuning table ----------------------------------------------
 #

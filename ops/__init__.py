@@ -14,6 +14,7 @@ from fusedvjp.ops.linear_softmax_cross_entropy import (
     linear_softmax_cross_entropy_with_integer_labels,
     linear_softmax_cross_entropy_with_integer_labels_reference,
 )
+from fusedvjp.ops.rms_norm import rms_norm, rms_norm_reference
 from fusedvjp.ops.softmax_cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_reference,
@@ -31,6 +32,8 @@ __all__ = [
     "layer_norm_reference",
     "linear_softmax_cross_entropy_with_integer_labels",
     "linear_softmax_cross_entropy_with_integer_labels_reference",
+    "rms_norm",
+    "rms_norm_reference",
     "softmax_cross_entropy",
     "softmax_cross_entropy_reference",
     "softmax_cross_entropy_with_integer_labels",

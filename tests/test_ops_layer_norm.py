@@ -2,18 +2,20 @@
 
 The generic tests (forward and VJP of every impl against float64, interpret mode,
 check_grads, GPU/TPU lowering) come from the registry entry in ops/registry.py. Here:
-argument checks, batch dims, eps, mixed precision, and the kernels of both backends in
-interpret mode with small tiles that force ragged row and column blocks.
+argument checks, batch dims, eps, mixed precision, absent (None) scale and bias, and the
+kernels of both backends in interpret mode with small tiles that force ragged row and
+column blocks.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_close, assert_no_worse_than, float64_oracle, randn
+from conftest import DTYPES, assert_close, assert_no_worse_than, float64_oracle, randn
 from fusedvjp import ops
 from fusedvjp.kernels import layer_norm as kernels
 from fusedvjp.kernels.layer_norm import LayerNormBlockSizes
@@ -70,6 +72,48 @@ def test_bad_input_errors(kwargs, error, match):
         ops.layer_norm(args["x"], args["scale"], args["bias"], **options)
 
 
+@pytest.mark.parametrize("eps", [1e-50, 1e-40, 1e-30, 1e39],
+                         ids=["zero-in-f32", "subnormal-in-f32", "inf-derivative", "inf-in-f32"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eps_is_checked_in_the_compute_dtype(impl, eps):
+    """eps = 1e-50 is > 0 in float64 but 0 in float32, where it is added: a constant row
+    would give rsqrt(0) and NaN. 1e-40 is a float32 subnormal, flushed to 0 on CPU/GPU;
+    with 1e-30, rsqrt's derivative (1e-30)**-1.5 is inf in float32."""
+    with pytest.raises(ValueError, match=rf"eps={re.escape(repr(eps))} is .* in float32, the dtype it is added in"):
+        ops.layer_norm(jnp.ones((2, 3), jnp.float32), jnp.ones(3), jnp.zeros(3), eps=eps, impl=impl)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.layer_norm_fwd(jnp.ones((2, 3), jnp.float32), None, None, eps=eps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_smallest_accepted_eps_keeps_a_constant_row_finite(impl, rng):
+    """The boundary of the check: the smallest accepted eps, (f32 max / 8)**(-2/3), is
+    accepted, and a constant row (variance exactly 0) then has finite output and
+    gradients on every impl (rstd = 3.5e12; the xla path's autodiff forms rstd**3)."""
+    eps = (float(jnp.finfo(jnp.float32).max) / 8) ** (-2 / 3) * (1 + 1e-6)
+    x = jnp.full((3, 7), 2.5, jnp.float32)
+    _, scale, bias, g = _inputs(rng, 3, 7, jnp.float32)
+    y, vjp = jax.vjp(lambda *a: ops.layer_norm(*a, eps=eps, impl=impl), x, scale, bias)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(bias, y.shape))
+    for out in vjp(g):
+        assert np.isfinite(np.asarray(out)).all()
+    with pytest.raises(ValueError, match="eps="):
+        ops.layer_norm(x, scale, bias, eps=eps / 2, impl=impl)
+
+
+def test_eps_below_float32_is_accepted_for_float64_inputs(rng):
+    """Under x64 a float64 x is computed in float64, where 1e-50 is far above the bound."""
+    with jax.enable_x64(True):
+        x = jnp.full((2, 5), 1.5, jnp.float64)
+        for impl in ("xla", "jnp"):
+            y = ops.layer_norm(x, None, None, eps=1e-50, impl=impl)
+            np.testing.assert_array_equal(y, 0.0)
+        with pytest.raises(ValueError, match="float64"):
+            ops.layer_norm(x, eps=1e-250, impl="jnp")
+        with pytest.raises(ValueError, match="float32"):  # f32 x is still computed in f32
+            ops.layer_norm(x.astype(jnp.float32), eps=1e-50, impl="jnp")
+
+
 def test_traced_eps_is_rejected():
     with pytest.raises(TypeError, match="eps must be a concrete Python float"):
         jax.jit(lambda eps: ops.layer_norm(jnp.ones((2, 3)), jnp.ones(3), jnp.zeros(3), eps=eps))(1e-5)
@@ -111,13 +155,117 @@ def test_mixed_precision_params_get_cotangents_in_their_dtype(rng):
     assert dscale.dtype == dbias.dtype == jnp.float32
 
 
+# --- absent (None) scale and bias ------------------------------------------------------------
+
+# (has scale, has bias): scale only, bias only, neither, both.
+PRESENCE = [(True, False), (False, True), (False, False), (True, True)]
+PRESENCE_IDS = ["scale-only", "bias-only", "neither", "both"]
+
+
+def _drop_absent(scale, bias, present):
+    has_scale, has_bias = present
+    return (scale if has_scale else None), (bias if has_bias else None)
+
+
+def _plain_bf16_vjp(x, scale, bias, g):
+    """The plain bf16 computation (every op in bf16), the baseline of CCE's rule; a None
+    parameter is left out, as in the op."""
+
+    def f(x, scale, bias):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        xc = x - mean
+        y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + 1e-6)
+        y = y if scale is None else y * scale
+        return y if bias is None else y + bias
+
+    y, vjp = jax.vjp(f, x, scale, bias)
+    return y, vjp(g)
+
+
+@pytest.mark.parametrize("n, d", [(37, 784), (3, 1000), (1, 5)], ids=["37x784", "3x1000", "1x5"])
+@pytest.mark.parametrize("dname", ["f32", "bf16"])
+@pytest.mark.parametrize("present", PRESENCE, ids=PRESENCE_IDS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_absent_parameters(impl, present, dname, n, d, rng):
+    """A None scale or bias is left out of y, and no cotangent comes back for it; the rest
+    matches the float64 oracle of the same formula, forward and VJP (random cotangent)."""
+    dtype = DTYPES[dname]
+    x, scale, bias, g = _inputs(rng, n, d, dtype)
+    scale, bias = _drop_absent(scale, bias, present)
+    y, vjp = jax.vjp(lambda *a: ops.layer_norm(*a, impl=impl), x, scale, bias)
+    dx, dscale, dbias = vjp(g)
+    assert y.dtype == dx.dtype == dtype
+    assert (dscale is None) == (scale is None) and (dbias is None) == (bias is None)
+    ref_y, ref_grads = float64_oracle(_reference_vjp, x, scale, bias, g, 1e-6)
+    got = (y, dx, dscale, dbias)
+    names = ("y", "dx", "dscale", "dbias")
+    for name, a, want in zip(names, got, (ref_y, *ref_grads)):
+        if a is not None:
+            assert_close(a, want, dtype, err_msg=name)
+    if dtype == jnp.bfloat16:
+        base_y, base_grads = _plain_bf16_vjp(x, scale, bias, g)
+        for name, a, base, want in zip(names, got, (base_y, *base_grads), (ref_y, *ref_grads)):
+            if a is not None:
+                assert_no_worse_than(a, base, want, margin=2**-9, err_msg=name)
+
+
+def test_absent_parameters_match_explicit_identity_ones_and_zeros(rng):
+    """None is the identity of its place: scale=None is scale=1 and bias=None is bias=0,
+    so the forward and dx agree (to f32 rounding) with those explicit parameters."""
+    x, _, _, g = _inputs(rng, 9, 130, jnp.float32)
+    ones, zeros = jnp.ones(130, jnp.float32), jnp.zeros(130, jnp.float32)
+    y, vjp = jax.vjp(lambda x: ops.layer_norm(x, impl="pallas"), x)
+    want_y, want_vjp = jax.vjp(lambda x: ops.layer_norm(x, ones, zeros, impl="pallas"), x)
+    assert_close(y, want_y)
+    assert_close(vjp(g)[0], want_vjp(g)[0])
+
+
+def _pallas_operand_counts(jaxpr) -> list[tuple[int, int]]:
+    """(inputs, outputs) of every pallas_call in ``jaxpr``, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append((len(eqn.invars), len(eqn.outvars)))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(item, "jaxpr", item)
+                if hasattr(sub, "eqns"):
+                    found.extend(_pallas_operand_counts(sub))
+    return found
+
+
+@pytest.mark.parametrize("present", PRESENCE, ids=PRESENCE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_are_specialised_for_absent_parameters(backend, present, rng):
+    """An absent parameter is not an operand of the kernel (no vector of ones is loaded)
+    and its column-sum partials are not outputs; the kernels match float64."""
+    has_scale, has_bias = present
+    x, scale, bias, g = _inputs(rng, 37, 784, jnp.float32)
+    scale, bias = _drop_absent(scale, bias, present)
+
+    def run(x, scale, bias, g):
+        y, (mean, rstd) = kernels.layer_norm_fwd(x, scale, bias, eps=1e-6, backend=backend, block_sizes=SMALL)
+        return y, kernels.layer_norm_bwd(x, scale, mean, rstd, g, has_bias=has_bias, backend=backend,
+                                         block_sizes=SMALL)
+
+    counts = set(_pallas_operand_counts(jax.make_jaxpr(run)(x, scale, bias, g).jaxpr))
+    # forward: x (+ scale, bias) -> y, mean, rstd; backward: x (+ scale), mean, rstd, g -> dx (+ partials).
+    assert counts == {(1 + has_scale + has_bias, 3), (4 + has_scale, 1 + has_scale + has_bias)}, counts
+    y, (dx, dscale, dbias) = jax.jit(run)(x, scale, bias, g)
+    ref_y, ref_grads = float64_oracle(_reference_vjp, x, scale, bias, g, 1e-6)
+    for name, a, want in zip(("y", "dx", "dscale", "dbias"), (y, dx, dscale, dbias), (ref_y, *ref_grads)):
+        assert (a is None) == (want is None), name
+        if a is not None:
+            assert_close(a, want, err_msg=name)
+
+
 # --- the kernels, both backends in interpret mode --------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "backend", "block_sizes"))
 def _kernel_fwd_bwd(x, scale, bias, g, *, eps, backend, block_sizes):
     y, (mean, rstd) = kernels.layer_norm_fwd(x, scale, bias, eps=eps, backend=backend, block_sizes=block_sizes)
-    grads = kernels.layer_norm_bwd(x, scale, mean, rstd, g, backend=backend, block_sizes=block_sizes)
+    grads = kernels.layer_norm_bwd(x, scale, mean, rstd, g, has_bias=True, backend=backend, block_sizes=block_sizes)
     return y, mean, rstd, grads
 
 
@@ -180,25 +328,13 @@ def test_d_equals_1(backend, rng):
     assert (np.abs(np.asarray(dx, np.float64)) <= bound).all(), f"|dx| {np.abs(dx).max():.2e} for D = 1"
 
 
-def _bf16_vjp(x, scale, bias, g):
-    """The plain bf16 computation (every op in bf16), the baseline of CCE's rule."""
-
-    def f(x, scale, bias):
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        xc = x - mean
-        return xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + 1e-6) * scale + bias
-
-    y, vjp = jax.vjp(f, x, scale, bias)
-    return y, vjp(g)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_bf16(backend, rng):
     x, scale, bias, g = _inputs(rng, 37, 784, jnp.bfloat16)
     y, _, _, grads = _kernel_fwd_bwd(x, scale, bias, g, eps=1e-6, backend=backend, block_sizes=SMALL)
     assert y.dtype == jnp.bfloat16 and all(a.dtype == jnp.bfloat16 for a in grads)
     ref_y, ref_grads = float64_oracle(_reference_vjp, x, scale, bias, g, 1e-6)
-    bf16_y, bf16_grads = _bf16_vjp(x, scale, bias, g)
+    bf16_y, bf16_grads = _plain_bf16_vjp(x, scale, bias, g)
     # f32 math inside, one rounding at the store: within the table's bf16 tolerance, and
     # no worse than computing in bf16 plus half a bf16 ulp of the largest value.
     for name, got, base, want in zip(("y", "dx", "dscale", "dbias"), (y, *grads), (bf16_y, *bf16_grads),

@@ -260,6 +260,8 @@ def _scalar_fns(rng):
             x, labels, label_smoothing=0.1, z_loss=1e-2, impl=impl) ** 2),
         "xent_prob": lambda x, impl: jnp.sum(ops.softmax_cross_entropy(x, t, impl=impl) ** 2),
         "layer_norm": lambda x, impl: jnp.sum(ops.layer_norm(x, scale, bias, impl=impl) ** 3),
+        "layer_norm_no_params": lambda x, impl: jnp.sum(ops.layer_norm(x, impl=impl) ** 3),
+        "rms_norm": lambda x, impl: jnp.sum(ops.rms_norm(x, scale, impl=impl) ** 3),
     }
 
 
@@ -284,7 +286,8 @@ def test_second_order_matches_autodiff(impl, rng):
 def test_forward_mode_names_the_op_and_the_alternative(impl, rng):
     x, fns = _scalar_fns(rng)
     names = {"dense_tanh": "dense_tanh", "xent_int": "softmax_cross_entropy_with_integer_labels",
-             "xent_prob": "softmax_cross_entropy", "layer_norm": "layer_norm"}
+             "xent_prob": "softmax_cross_entropy", "layer_norm": "layer_norm", "layer_norm_no_params": "layer_norm",
+             "rms_norm": "rms_norm"}
     for key, f in fns.items():
         f = functools.partial(f, impl=impl)
         msg = rf"ops\.{names[key]}\(impl='{impl}'\).*reverse-mode.*impl=\"xla\""

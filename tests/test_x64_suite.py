@@ -3,7 +3,7 @@
 x64 changes what a Python int or float becomes (int64, float64), which broke the layer_norm
 kernel (int32 program ids met int64 column starts) and let int64 labels wrap; the run below
 covers every op and impl: the registry's generic numerics (forward and VJP against float64,
-every impl, f32 and bf16, odd shapes), the dense and layer_norm tests, the documented
+every impl, f32 and bf16, odd shapes), the dense, layer_norm and rms_norm tests, the documented
 semantics (cross-entropy's x64 cases: int64 labels, float64) and the fair-baseline check.
 The cross-entropy file's own tests are left to the main run: CI's 15 minutes. It runs in a subprocess because x64 is a process-wide setting read
 at import.
@@ -23,11 +23,12 @@ from conftest import REPO
 # (file, -k selection): one subprocess each, so pytest-xdist spreads them; the registry's
 # generic tests are split by op (the longest part bounds CI's wall clock).
 X64_PART = (
-    ("tests/test_ops_registry.py", "dense or layer_norm"),
+    ("tests/test_ops_registry.py", "dense or layer_norm or rms_norm"),
     ("tests/test_ops_registry.py", "softmax_cross_entropy and not linear"),
     ("tests/test_ops_registry.py", "linear_softmax_cross_entropy"),
     ("tests/test_ops_dense.py", None),
     ("tests/test_ops_layer_norm.py", None),
+    ("tests/test_ops_rms_norm.py", None),
     ("tests/test_semantics.py", None),
     ("tests/test_fair_baseline.py", None),
 )

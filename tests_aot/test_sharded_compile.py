@@ -108,6 +108,7 @@ CASES = (
     ShardCase("dense_tanh", "column", DENSE, MESH_2D, (P("data"), P(None, "model"), P("model"))),
     ShardCase("dense_tanh", "row", DENSE, MESH_2D, (P("data", "model"), P("model", None), P())),
     ShardCase("layer_norm", "data", LAYER_NORM, MESH_1D, (P("data"), P(), P())),
+    ShardCase("rms_norm", "data", LAYER_NORM, MESH_1D, (P("data"), P())),
     ShardCase("softmax_cross_entropy", "data", XENT, MESH_1D, (P("data"), P("data"))),
     ShardCase("softmax_cross_entropy_with_integer_labels", "data", XENT, MESH_1D, (P("data"), P("data"))),
     ShardCase("softmax_cross_entropy_with_integer_labels", "vocab", XENT, MESH_2D, (P("data", "model"), P("data"))),

@@ -37,6 +37,7 @@ SHAPES = {
     "softmax_cross_entropy_with_integer_labels": (BATCH, 12),
     "softmax_cross_entropy": (BATCH, 12),
     "layer_norm": (BATCH, 20),
+    "rms_norm": (BATCH, 20),
 }
 COLLECTIVE = re.compile(
     r"=\s*(\([^)]*\)|\S+)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("

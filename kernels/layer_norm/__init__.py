@@ -8,6 +8,11 @@ per row, the residuals of the backward:
     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     dscale = sum_rows(g * xhat)       dbias = sum_rows(g)
 
+``scale`` and ``bias`` are each optional (``None``: absent, ``dscale``/``dbias`` not
+computed). Absence is known when the kernel is traced, so each combination is its own
+kernel that neither loads a parameter nor computes a column sum it does not need
+(``dxhat = g`` without ``scale``) -- no multiply by a vector of ones.
+
 Grid: one axis over blocks of ``block_rows`` rows, on both backends.
 
 * Triton: the program walks the row's ``D`` columns in ``block_cols`` steps (two
@@ -58,7 +63,7 @@ def _check_args(x, **params) -> None:
         raise ValueError(f"layer_norm kernels take x [N, D], got shape {x.shape}")
     n, d = x.shape
     for name, p in params.items():
-        if p.shape != (d,) or p.dtype != x.dtype:
+        if p is not None and (p.shape != (d,) or p.dtype != x.dtype):
             raise ValueError(f"layer_norm kernels take {name} [D]=({d},) in x's dtype {x.dtype}; got {p.shape} {p.dtype}")
     if jnp.dtype(x.dtype) not in DTYPES:
         raise NotImplementedError(f"x dtype {x.dtype} (the kernels take float32 or bfloat16)")
@@ -68,8 +73,8 @@ def _check_args(x, **params) -> None:
 
 def layer_norm_fwd(
     x: jax.Array,
-    scale: jax.Array,
-    bias: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
     *,
     eps: float,
     backend: str | None = None,
@@ -79,8 +84,8 @@ def layer_norm_fwd(
 
     Args:
       x: [N, D] float32 or bfloat16.
-      scale, bias: [D] in x's dtype.
-      eps: added to the variance, > 0.
+      scale, bias: [D] in x's dtype, or None (absent: not read).
+      eps: added to the f32 variance; at least 8.2e-26 (``_common.check_variance_eps``).
       backend: "triton", "mosaic_tpu", or None to pick per lowering platform (CPU
         interprets; see ``_common.platform_dispatch``).
       block_sizes: None for each backend's default, or a tile that must suit ``backend``
@@ -90,16 +95,16 @@ def layer_norm_fwd(
       ``(y, (mean, rstd))``: y [N, D] in x's dtype; mean, rstd [N] float32.
 
     Raises:
-      ValueError: bad shapes, dtypes or block sizes.
+      ValueError: bad shapes, dtypes, eps or block sizes.
       NotImplementedError: a dtype other than float32/bfloat16, an empty input, or (TPU)
         rows too long for VMEM.
 
     Equivalent to: ``mean = x.mean(-1); rstd = rsqrt(x.var(-1) + eps);
-    y = (x - mean[:, None]) * rstd[:, None] * scale + bias`` in f32, y cast to x.dtype.
+    y = (x - mean[:, None]) * rstd[:, None] * scale + bias`` in f32 (a factor or term
+    left out when None), y cast to x.dtype.
     """
     _check_args(x, scale=scale, bias=bias)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    _common.check_variance_eps("eps", eps, jnp.float32)  # the kernels add it to an f32 variance
     n, d = x.shape
     _common.check_block_sizes(block_sizes, LayerNormBlockSizes, backend, n, d)
     static = dict(eps=float(eps), block_sizes=block_sizes)
@@ -109,11 +114,12 @@ def layer_norm_fwd(
 
 def layer_norm_bwd(
     x: jax.Array,
-    scale: jax.Array,
+    scale: jax.Array | None,
     mean: jax.Array,
     rstd: jax.Array,
     g: jax.Array,
     *,
+    has_bias: bool,
     backend: str | None = None,
     block_sizes: LayerNormBlockSizes | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -123,16 +129,18 @@ def layer_norm_bwd(
       x, scale, backend, block_sizes: as passed to the forward.
       mean, rstd: [N] float32, the forward's residuals.
       g: [N, D] cotangent of y, in x's dtype.
+      has_bias: whether the forward had a bias (then ``dbias`` is computed).
 
     Returns:
-      ``(dx [N, D], dscale [D], dbias [D])``, all in x's dtype (f32 math, one rounding).
+      ``(dx [N, D], dscale [D], dbias [D])``, all in x's dtype (f32 math, one rounding);
+      ``dscale`` is None when ``scale`` is, ``dbias`` when ``has_bias`` is False.
 
     Raises:
       ValueError / NotImplementedError: as in :func:`layer_norm_fwd`.
 
     Equivalent to: ``xhat = (x - mean[:, None]) * rstd[:, None]; dxhat = g * scale;
     dx = rstd[:, None] * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True));
-    dscale = (g * xhat).sum(0); dbias = g.sum(0)``.
+    dscale = (g * xhat).sum(0); dbias = g.sum(0)`` (``dxhat = g`` without scale).
     """
     _check_args(x, scale=scale)
     n, d = x.shape
@@ -142,5 +150,6 @@ def layer_norm_bwd(
         if a.shape != (n,) or a.dtype != jnp.float32:
             raise ValueError(f"{name} must be [N]=({n},) float32, got {a.shape} {a.dtype}")
     _common.check_block_sizes(block_sizes, LayerNormBlockSizes, backend, n, d)
-    impls = {name: functools.partial(module.bwd, block_sizes=block_sizes) for name, module in _BACKENDS.items()}
+    static = dict(has_bias=bool(has_bias), block_sizes=block_sizes)
+    impls = {name: functools.partial(module.bwd, **static) for name, module in _BACKENDS.items()}
     return _common.platform_dispatch(impls, x, scale, mean, rstd, g, backend=backend, op_name=_OP_NAME)

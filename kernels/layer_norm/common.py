@@ -61,19 +61,39 @@ def _backend_module(backend: str):
     return _common.backend_module("fusedvjp.kernels.layer_norm", backend)
 
 
-def finish_column_sums(dscale_partial, dbias_partial, dtype):
-    """The last step of the column reductions: partial sums [cdiv(N, block_rows), ..., D] f32 -> [D].
+def present_arrays(*arrays):
+    """The arrays a pallas_call gets: absent (None) parameters and residuals left out."""
+    return [a for a in arrays if a is not None]
+
+
+def unpack_refs(refs, present):
+    """A kernel's refs in signature order, None where ``present`` is False (an absent
+    parameter or cotangent: the pallas_call got no array for it, see present_arrays)."""
+    it = iter(refs)
+    out = [next(it) if p else None for p in present]
+    if next(it, None) is not None:
+        raise ValueError(f"{len(refs)} refs for {sum(present)} present arrays")
+    return out
+
+
+def finish_column_sums(partials, has_scale: bool, has_bias: bool, dtype):
+    """The last step of the column reductions: the present partial sums
+    [cdiv(N, block_rows), ..., D] f32 (dscale's first) -> (dscale, dbias) [D] each, None
+    where that parameter is absent.
 
     Done inside each backend's branch: the branches of platform_dispatch must return the
     same shapes, and the backends' default block_rows (so their partials) differ.
     """
-    d = dscale_partial.shape[-1]
-    return tuple(jnp.sum(p.reshape(-1, d), axis=0).astype(dtype) for p in (dscale_partial, dbias_partial))
+    sums = iter(jnp.sum(p.reshape(-1, p.shape[-1]), axis=0).astype(dtype) for p in partials)
+    return next(sums) if has_scale else None, next(sums) if has_bias else None
 
 
-def cost_estimate(x, *, backward: bool) -> pl.CostEstimate:
+def cost_estimate(x, *, has_scale: bool, has_bias: bool, backward: bool) -> pl.CostEstimate:
     n, d = x.shape
     s = x.dtype.itemsize
-    if backward:  # read x, g; write dx; per-row stats in, partial sums out
-        return pl.CostEstimate(flops=13 * n * d, transcendentals=0, bytes_accessed=3 * n * d * s + 8 * n + 3 * d * 4)
-    return pl.CostEstimate(flops=7 * n * d, transcendentals=n, bytes_accessed=2 * n * d * s + 8 * n + 2 * d * s)
+    params = has_scale + has_bias
+    if backward:  # read x, g (and scale); write dx; per-row stats in, partial sums out
+        return pl.CostEstimate(flops=(10 + 3 * has_scale) * n * d, transcendentals=0,
+                               bytes_accessed=3 * n * d * s + 8 * n + has_scale * d * s + params * d * 4)
+    return pl.CostEstimate(flops=(5 + params) * n * d, transcendentals=n,
+                           bytes_accessed=2 * n * d * s + 8 * n + params * d * s)
