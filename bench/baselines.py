@@ -15,6 +15,8 @@ xent                      ``optax.softmax_cross_entropy_with_integer_labels(logi
 xent_prob                 ``optax.softmax_cross_entropy(logits, labels)``
 layer_norm                ``flax.nnx.LayerNorm`` (its math in jnp when Flax is absent:
                           f32 statistics, ``var = E[x^2] - E[x]^2``)
+rms_norm                  ``flax.nnx.RMSNorm`` (its math in jnp when Flax is absent:
+                          f32 ``E[x^2]``, ``y = x * rsqrt(E[x^2] + eps) * scale``)
 dense_tanh / dense        ``jnp.tanh(x @ w + b)`` / ``x @ w + b``
 linear xent               ``optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y)``
 mnist_train_step          one SGD step of ``jnp.tanh(x @ w1 + b1) @ w2 + b2`` under
@@ -171,6 +173,30 @@ def flax_layer_norm_math(x, scale, bias, *, eps=1e-6):
     return y.astype(x.dtype)
 
 
+# --- rms_norm ---------------------------------------------------------------------------------
+
+
+def rms_norm(x, scale, *, eps=1e-6):
+    """``flax.nnx.RMSNorm(D, epsilon=eps)`` with this scale, applied to ``x``; without Flax,
+    the same math in jnp (:func:`flax_rms_norm_math`)."""
+    try:
+        from flax import nnx
+    except ImportError:
+        return flax_rms_norm_math(x, scale, eps=eps)
+    module = nnx.RMSNorm(x.shape[-1], epsilon=eps, dtype=x.dtype, param_dtype=scale.dtype, rngs=nnx.Rngs(0))
+    module.scale.set_value(scale)
+    return module(x)
+
+
+def flax_rms_norm_math(x, scale, *, eps=1e-6):
+    """Flax's RMSNorm math in jnp (``flax/nnx/nn/normalization.py``: ``_compute_stats`` with
+    ``use_mean=False``, then ``_normalize``): ``E[x^2]`` in f32, ``y = x * (rsqrt(E[x^2] +
+    eps) * scale)`` in f32, cast to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean2 = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return (x32 * (jax.lax.rsqrt(mean2 + eps) * scale.astype(jnp.float32))).astype(x.dtype)
+
+
 # --- dense ------------------------------------------------------------------------------------
 
 
@@ -206,5 +232,8 @@ register(Baseline("linear_softmax_cross_entropy_with_integer_labels", f"{_XENT}(
 _LAYER_NORM_CODE = ("flax.nnx.LayerNorm(D, epsilon=eps)(x)" if importlib.util.find_spec("flax") is not None else
                     "Flax's LayerNorm math in jnp (Flax not installed): f32 statistics, var = E[x^2] - E[x]^2")
 register(Baseline("layer_norm", _LAYER_NORM_CODE, layer_norm))
+_RMS_NORM_CODE = ("flax.nnx.RMSNorm(D, epsilon=eps)(x)" if importlib.util.find_spec("flax") is not None else
+                  "Flax's RMSNorm math in jnp (Flax not installed): f32 E[x^2], x * rsqrt(E[x^2] + eps) * scale")
+register(Baseline("rms_norm", _RMS_NORM_CODE, rms_norm))
 register(Baseline("dense_tanh", "jnp.tanh(x @ w + b)", lambda x, w, b: dense(x, w, b, activation="tanh")))
 register(Baseline("dense", "x @ w + b", dense))

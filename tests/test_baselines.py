@@ -92,12 +92,14 @@ def test_mnist_step_matches_the_models(rng):
         assert_close(got_params[k], want_params[k], jnp.float32, err_msg=k)
 
 
-def test_flax_math_is_flax(rng):
-    """Without Flax the layer_norm baseline is its math; with Flax installed, the two agree."""
+@pytest.mark.parametrize("op, math", [("layer_norm", baselines.flax_layer_norm_math),
+                                      ("rms_norm", baselines.flax_rms_norm_math)])
+def test_flax_math_is_flax(op, math, rng):
+    """Without Flax the norms' baselines are their math; with Flax installed, the two agree."""
     nnx = pytest.importorskip("flax.nnx")
     del nnx
-    args = registry.get("layer_norm").make_inputs(rng, (37, 784), jnp.float32)
-    assert_close(baselines.layer_norm(*args), baselines.flax_layer_norm_math(*args), jnp.float32)
+    args = registry.get(op).make_inputs(rng, (37, 784), jnp.float32)
+    assert_close(getattr(baselines, op)(*args), math(*args), jnp.float32)
 
 
 def test_without_optax_the_user_row_says_what_to_install(monkeypatch, rng):

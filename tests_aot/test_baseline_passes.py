@@ -15,6 +15,7 @@ Measured (jax 0.11.2), the reference ``impl="xla"`` (the old baseline) against t
 | xent [8192, 32768] | 4r+1w | 3r+1w |
 | xent_prob [4096, 32768] (logits and labels both [N, V]) | 7r+2w | 5r+2w |
 | layer_norm [8192, 4096] | 7r+3w | 5r+2w |
+| rms_norm [8192, 4096] | 4r+2w | 4r+2w |
 | linear xent, mean, no bias, x [4096, 2048] w [2048, 32768] | 7r+2w | 5r+2w |
 | linear xent, per row, with bias | 6r+2w | 6r+2w |
 | dense_tanh [8192, 4096] x [4096, 4096] (x, w, z all that size) | 7r+5w | 6r+3w |
@@ -57,11 +58,25 @@ def _flax_layer_norm(x, scale, bias):
     return module(x)
 
 
+def _flax_rms_norm(x, scale):
+    """Flax's RMSNorm as its users get it: ``nnx.RMSNorm`` where Flax is installed, else its
+    math (f32 ``E[x^2]``), written out."""
+    try:
+        from flax import nnx
+    except ImportError:
+        x32 = x.astype(jnp.float32)
+        return (x32 * (jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6) * scale)).astype(x.dtype)
+    module = nnx.RMSNorm(x.shape[-1], epsilon=1e-6, dtype=x.dtype, param_dtype=scale.dtype, rngs=nnx.Rngs(0))
+    module.scale.set_value(scale)
+    return module(x)
+
+
 # op -> (shape, the users' code on the registry's arrays, elements of the large array).
 USERS = {
     XENT: ((8192, 32768), lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels)),
     XENT_PROB: ((4096, 32768), lambda logits, labels: optax.softmax_cross_entropy(logits, labels)),
     "layer_norm": ((8192, 4096), _flax_layer_norm),
+    "rms_norm": ((8192, 4096), _flax_rms_norm),
     LCE: ((4096, 2048, 32768), lambda x, w, b, y: optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y)),
     "dense_tanh": ((8192, 4096, 4096), lambda x, w, b: jnp.tanh(x @ w + b)),
 }
@@ -69,7 +84,7 @@ USERS = {
 # cross-entropy's 2 reads and 1 write; dense reads x, w, then x, w, a, g and writes a, dx,
 # dW, all [M, N]-sized at the llm shape; the materialized linear cross-entropy writes and
 # reads its logits at least once): the counter must find at least that.
-FLOOR = {XENT: (2, 1), XENT_PROB: (4, 2), "layer_norm": (3, 2), LCE: (1, 1), "dense_tanh": (6, 3)}
+FLOOR = {XENT: (2, 1), XENT_PROB: (4, 2), "layer_norm": (3, 2), "rms_norm": (3, 2), LCE: (1, 1), "dense_tanh": (6, 3)}
 
 
 def _count(fn, args, elements) -> passes.Passes:
