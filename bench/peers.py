@@ -15,7 +15,7 @@ why (``results.json["peers"]["skipped"]``, and a section of results.md):
   ``xla`` rows already.
 * PyTorch on the same GPU: ``torch.nn.functional`` eager and under ``torch.compile``
   (cross-entropy with integer and with probability labels, layer_norm, ``tanh(addmm)`` for
-  dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm and fused linear
+  dense_tanh, ``gelu(addmm, approximate="tanh")`` for dense_gelu, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm and fused linear
   cross-entropy; Apple's cut-cross-entropy (``linear_cross_entropy``) for the linear
   cross-entropy.
 
@@ -438,13 +438,19 @@ def _torch_ops(compiled: bool) -> dict[str, Callable[[Any], ExternalOp]]:
 
         return lambda x, w, b: torch.tanh(torch.addmm(b, x, w))
 
+    def dense_gelu():
+        import torch
+        import torch.nn.functional as F
+
+        return lambda x, w, b: F.gelu(torch.addmm(b, x, w), approximate="tanh")
+
     def dense():
         import torch
 
         return lambda x, w, b: torch.addmm(b, x, w)
 
     return {XENT: wrap(xent, _long_labels), XENT_PROB: wrap(xent), "layer_norm": wrap(layer_norm),
-            "dense_tanh": wrap(dense_tanh), "dense": wrap(dense)}
+            "dense_tanh": wrap(dense_tanh), "dense_gelu": wrap(dense_gelu), "dense": wrap(dense)}
 
 
 def _torch_compile_ok(platform: str, named: bool) -> str | None:
