@@ -23,11 +23,12 @@ themselves must be whole TMA tiles (``_check_supported``): K and N multiples of 
 of 8 -- 200 x 192 x 320 compiles with 64 x 128 x 64 tiles; 128 x 784 x 512 (MNIST) is refused.
 
 dz = g act'(z) is formed once, by an XLA fusion that reads g and the residual (a for
-tanh, z for gelu) and writes dz in bf16 (and db from the f32 dz): 3 M N s bytes. Recomputing it in the kernels instead
-would have every CTA of dx (cdiv(K, block_k) per row block) and of dW (cdiv(K, block_k)
-per column block) load g and residual tiles instead of one dz tile: 2 M N s (P + P') bytes
-against 3 M N s + M N s (P + P'), so the pass wins for P + P' > 3 -- every shape with K
-above three tiles (32 at 8192x4096x4096) -- and the compute warpgroups issue only wgmma.
+tanh, z for gelu) and writes dz in bf16 (and db from the f32 dz): 3 M N s bytes.
+Recomputing it in the kernels instead would have every CTA of dx (cdiv(K, block_k) per
+row block) and of dW (cdiv(K, block_k) per column block) load g and residual tiles
+instead of one dz tile: 2 M N s (P + P') bytes against 3 M N s + M N s (P + P'), so the
+pass wins for P + P' > 3 -- every shape with K above three tiles (32 at
+8192x4096x4096) -- and the compute warpgroups issue only wgmma.
 
 ``"gelu_exact"`` is refused by the forward (the warpgroup lowering has no layout rule for
 ``math.erf``); its backward is served (the erf is in the XLA dz fusion).
@@ -68,7 +69,7 @@ MEMORY_REGISTERS = 40
 # A compute warpgroup's f32 accumulator [rows, cols / 2] costs rows * cols / 256
 # registers a thread; 128 leaves room for the epilogue below the 255 ceiling.
 MAX_ACC_REGISTERS = 128
-# gelu's epilogue (a tanh or erf and a cubic, and z kept for the residual) needs more:
+# gelu's epilogue (a tanh and a cubic, and z kept for the residual) needs more:
 # at 128 accumulator registers (128 x 256 tiles) the forward spills (ptxas, H100, 8192 x
 # 4096 x 4096: 80 B of spill stores a thread without z, 48 B with it); at 64 (128 x 128)
 # it does not (168 registers at launch, 0 B).

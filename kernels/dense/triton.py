@@ -139,9 +139,10 @@ def use_dz_pass(m: int, n: int, k: int, bwd: DenseBackwardBlockSizes, has_act: b
       pass:      read g, r, write dz once, then dz read: 3 M N s + M N s (P + P')
     The pass wins when P + P' > 3 -- every shape with K above three tiles; the
     recompute also costs act' per element per program (3 flops for tanh, a tanh and
-    ~12 flops for gelu), which the pass does once. Without an activation dz is g; with a bias, db is then a column sum of g: the dW kernel's
-    P' programs of a column block would each sum it (one stores), so a pass that
-    reads g once (M N s bytes) replaces P' - 1 redundant sums when P' > 1.
+    ~12 flops for gelu), which the pass does once. Without an activation dz is g;
+    with a bias, db is then a column sum of g: the dW kernel's P' programs of a column
+    block would each sum it (one stores), so a pass that reads g once (M N s bytes)
+    replaces P' - 1 redundant sums when P' > 1.
     """
     p_dx, p_dw = pl.cdiv(k, bwd.dx.block_k), pl.cdiv(k, bwd.dw.block_k)
     if has_act:
