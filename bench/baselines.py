@@ -18,6 +18,7 @@ layer_norm                ``flax.nnx.LayerNorm`` (its math in jnp when Flax is a
 rms_norm                  ``flax.nnx.RMSNorm`` (its math in jnp when Flax is absent:
                           f32 ``E[x^2]``, ``y = x * rsqrt(E[x^2] + eps) * scale``)
 dense_tanh / dense        ``jnp.tanh(x @ w + b)`` / ``x @ w + b``
+dense_gelu                ``jax.nn.gelu(x @ w + b)`` (``approximate=True``, its default)
 linear xent               ``optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y)``
 mnist_train_step          one SGD step of ``jnp.tanh(x @ w1 + b1) @ w2 + b2`` under
                           ``optax.softmax_cross_entropy_with_integer_labels(...).mean()``
@@ -201,11 +202,16 @@ def flax_rms_norm_math(x, scale, *, eps=1e-6):
 
 
 def dense(x, w, b=None, *, activation=None):
-    """``x @ w + b``, through ``jnp.tanh`` for ``activation="tanh"``."""
+    """``x @ w + b``, through ``jnp.tanh`` for ``activation="tanh"`` and ``jax.nn.gelu`` for
+    ``"gelu"`` (tanh approximation) and ``"gelu_exact"`` (erf)."""
     z = matmul(x, w)
     if b is not None:
         z = z + b
-    return jnp.tanh(z) if activation == "tanh" else z
+    if activation == "tanh":
+        return jnp.tanh(z)
+    if activation in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(z, approximate=activation == "gelu")
+    return z
 
 
 # --- the MNIST training step -------------------------------------------------------------------
@@ -236,4 +242,5 @@ _RMS_NORM_CODE = ("flax.nnx.RMSNorm(D, epsilon=eps)(x)" if importlib.util.find_s
                   "Flax's RMSNorm math in jnp (Flax not installed): f32 E[x^2], x * rsqrt(E[x^2] + eps) * scale")
 register(Baseline("rms_norm", _RMS_NORM_CODE, rms_norm))
 register(Baseline("dense_tanh", "jnp.tanh(x @ w + b)", lambda x, w, b: dense(x, w, b, activation="tanh")))
+register(Baseline("dense_gelu", "jax.nn.gelu(x @ w + b)", lambda x, w, b: dense(x, w, b, activation="gelu")))
 register(Baseline("dense", "x @ w + b", dense))

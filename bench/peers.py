@@ -17,8 +17,9 @@ why (``results.json["peers"]["skipped"]``, and a section of results.md):
   ``user`` rows already (``bench/baselines.py``).
 * PyTorch on the same GPU: ``torch.nn.functional`` eager and under ``torch.compile``
   (cross-entropy with integer and with probability labels, layer_norm, rms_norm, ``tanh(addmm)``
-  for dense_tanh, ``addmm`` for dense); Liger-Kernel's cross-entropy, layer_norm, rms_norm and
-  fused linear cross-entropy; Apple's cut-cross-entropy (``linear_cross_entropy``) for the linear
+  for dense_tanh, ``gelu(addmm, approximate="tanh")`` for dense_gelu, ``addmm`` for dense);
+  Liger-Kernel's cross-entropy, layer_norm, rms_norm and fused linear cross-entropy; Apple's
+  cut-cross-entropy (``linear_cross_entropy``) for the linear
   cross-entropy.
 
 The linear cross-entropy peers, as the benchmark calls our op (no options: per-row losses,
@@ -456,13 +457,20 @@ def _torch_ops(compiled: bool) -> dict[str, Callable[[Any], ExternalOp]]:
 
         return lambda x, w, b: torch.tanh(torch.addmm(b, x, w))
 
+    def dense_gelu():
+        import torch
+        import torch.nn.functional as F
+
+        return lambda x, w, b: F.gelu(torch.addmm(b, x, w), approximate="tanh")
+
     def dense():
         import torch
 
         return lambda x, w, b: torch.addmm(b, x, w)
 
     return {XENT: wrap(xent, _long_labels), XENT_PROB: wrap(xent), "layer_norm": wrap(layer_norm),
-            "rms_norm": wrap(rms_norm), "dense_tanh": wrap(dense_tanh), "dense": wrap(dense)}
+            "rms_norm": wrap(rms_norm), "dense_tanh": wrap(dense_tanh), "dense_gelu": wrap(dense_gelu),
+            "dense": wrap(dense)}
 
 
 def _torch_compile_ok(platform: str, named: bool) -> str | None:

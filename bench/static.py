@@ -66,7 +66,7 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 TRAIN_STEP_SHAPES = (cases_lib.TRAIN_STEP_SHAPE, (60000 % 128, *cases_lib.TRAIN_STEP_SHAPE[1:]))
 # Ops whose bf16 flops run on the tensor cores / MXU; the others do f32 vector math
 # whatever their input dtype, so their floor uses the f32 rate.
-MATMUL_OPS = ("dense", "dense_tanh", "linear_softmax_cross_entropy_with_integer_labels", cases_lib.TRAIN_STEP)
+MATMUL_OPS = ("dense", "dense_tanh", "dense_gelu", "linear_softmax_cross_entropy_with_integer_labels", cases_lib.TRAIN_STEP)
 
 
 # --- targets ----------------------------------------------------------------------------

@@ -1,17 +1,23 @@
-"""Fully connected layer with an optional tanh: ``act(x @ w + b)``, with a hand-written VJP.
+"""Fully connected layer with an optional activation: ``act(x @ w + b)``, with a hand-written VJP.
 
 The VJP, derived the way the project's seed does it (write the Jacobian, see its
 structure, never materialize it). With ``z = x W + b`` and ``a = act(z)`` for one row:
 
-* ``da/dz`` is diagonal: ``1 - a**2`` for tanh (``tanh' = 1 - tanh**2``), 1 for identity.
-  So ``dz = g * (1 - a**2)``: an elementwise product, not a matrix.
+* ``da/dz`` is diagonal: ``1 - a**2`` for tanh (``tanh' = 1 - tanh**2``), 1 for identity,
+  and for gelu (tanh approximation, ``0.5 z (1 + tanh u)``, ``u = c (z + 0.044715 z**3)``,
+  ``c = sqrt(2/pi)``) ``0.5 (1 + tanh u) + 0.5 z (1 - tanh**2 u) c (1 + 3 * 0.044715 z**2)``;
+  exact gelu ``z Phi(z)`` has ``Phi(z) + z phi(z)``. So ``dz = g * act'(z)``: an
+  elementwise product, not a matrix.
 * ``dz/dx`` is ``W^T``, so ``dx = dz W^T``.
 * ``dz/dW`` is the Kronecker-structured ``x (x) I``: contracting it with ``dz`` gives the
   outer product ``x^T dz``, summed over the batch rows -- ``dW = X^T dZ``.
 * ``dz/db`` is the identity per row, so ``db = sum_rows dZ``.
 
-The residual is the activation ``a`` (not ``z``): tanh's derivative is a function of
-its output, and ``a`` is the tensor the forward writes anyway -- no extra memory.
+For tanh the residual is the activation ``a`` (not ``z``): tanh's derivative is a
+function of its output, and ``a`` is the tensor the forward writes anyway -- no extra
+memory. gelu's derivative is not a function of its output (gelu is not monotonic: two
+``z`` below 0 share each ``a`` in (-0.17, 0) and their slopes differ), so for gelu the
+residual is ``z``, written by the forward kernel as a second output.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import jax.numpy as jnp
 from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import check_float, compute_dtype, resolve_impl, reverse_mode_only, run_kernel
 
-ACTIVATIONS = (None, "tanh")
+# None, tanh, gelu (tanh approximation: jax.nn.gelu(approximate=True)), gelu_exact (erf:
+# jax.nn.gelu(approximate=False)). The kernels' list (kernels/dense/common.py) is the same.
+ACTIVATIONS = (None, "tanh", "gelu", "gelu_exact")
 
 
 def _is_16_bit(dtype) -> bool:
@@ -78,7 +86,17 @@ def _explicit_out_sharding(a: jax.Array, b: jax.Array):
 
 
 def _activate(z: jax.Array, activation: str | None) -> jax.Array:
-    return jnp.tanh(z) if activation == "tanh" else z
+    if activation == "tanh":
+        return jnp.tanh(z)
+    if activation in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(z, approximate=activation == "gelu")
+    return z
+
+
+def _saves_preactivation(activation: str | None) -> bool:
+    from fusedvjp.kernels.dense import common
+
+    return common.saves_preactivation(activation)
 
 
 def dense_reference(x, w, b=None, *, activation=None):
@@ -87,28 +105,35 @@ def dense_reference(x, w, b=None, *, activation=None):
     Equivalent to: ``act(x @ w + b)`` with the bias and activation in f32 (f64 for f64
     inputs), cast to ``x.dtype``; the matmul as in :func:`_matmul`.
     """
+    return _reference_and_z(x, w, b, activation=activation)[0]
+
+
+def _reference_and_z(x, w, b, *, activation):
+    """(a, z) in x's dtype: the reference and its pre-activation, gelu's residual."""
     z = _matmul(x, w).astype(compute_dtype(x.dtype))
     if b is not None:
         z = z + b.astype(z.dtype)
-    return _activate(z, activation).astype(x.dtype)
+    return _activate(z, activation).astype(x.dtype), z.astype(x.dtype)
 
 
 # --- custom_vjp: primal and forward rule share _dense_forward ----------------------------
 
 
-def _forward_layout(has_bias: bool, activation: str | None) -> _sharding.Layout:
+def _forward_layout(has_bias: bool, activation: str | None, write_z: bool) -> _sharding.Layout:
     """``z = x w + b`` over factors m (rows), k (contracted), n (columns).
 
     Rows split (data parallel) and columns split (``w`` column-parallel) need nothing:
-    each device computes its own block of ``a``. A split ``k`` (``w`` row-parallel, ``x``
-    split the same way) makes each device's ``x w`` a partial sum: it is all-reduced
-    before the bias and tanh, which are not linear -- so the op reduces, not the caller.
+    each device computes its own block of ``a`` (and of ``z`` with ``write_z``). A split
+    ``k`` (``w`` row-parallel, ``x`` split the same way) makes each device's ``x w`` a
+    partial sum: it is all-reduced before the bias and activation, which are not linear
+    -- so the op reduces, not the caller.
     """
-    return _sharding.Layout(("m k", "k n", "n") if has_bias else ("m k", "k n"), ("m n",),
-                            local=functools.partial(_forward_local, activation=activation))
+    return _sharding.Layout(("m k", "k n", "n") if has_bias else ("m k", "k n"),
+                            ("m n", "m n") if write_z else ("m n",),
+                            local=functools.partial(_forward_local, activation=activation, write_z=write_z))
 
 
-def _forward_local(assign, fn, is_kernel, *, activation):
+def _forward_local(assign, fn, is_kernel, *, activation, write_z):
     if "k" not in assign:
         return fn
     from fusedvjp.kernels import dense as kernels
@@ -120,7 +145,8 @@ def _forward_local(assign, fn, is_kernel, *, activation):
         z = _sharding.psum_over(partial, assign, ("k",)).astype(compute_dtype(x.dtype))
         if b is not None:
             z = z + b.astype(z.dtype)
-        return _activate(z, activation).astype(x.dtype)
+        a = _activate(z, activation).astype(x.dtype)
+        return (a, z.astype(x.dtype)) if write_z else a
 
     return local
 
@@ -128,18 +154,21 @@ def _forward_local(assign, fn, is_kernel, *, activation):
 def _dense_forward(x, w, b, activation, impl, return_residuals):
     from fusedvjp.kernels import dense as kernels
 
-    a = run_kernel(
+    write_z = return_residuals and _saves_preactivation(activation)
+    out = run_kernel(
         impl,
-        functools.partial(kernels.dense_fwd, activation=activation),
-        functools.partial(dense_reference, activation=activation),
+        functools.partial(kernels.dense_fwd, activation=activation, return_residual=write_z),
+        functools.partial(_reference_and_z if write_z else dense_reference, activation=activation),
         (x, w, b),
         "dense",
-        _forward_layout(b is not None, activation),
+        _forward_layout(b is not None, activation, write_z),
     )
+    a, z = out if write_z else (out, None)
     if return_residuals:
-        # x and w for the two matmuls of the backward; a for tanh's derivative; b only
+        # x and w for the two matmuls of the backward; the activation's residual (a for
+        # tanh, whose derivative is a function of a; z for gelu, whose is not); b only
         # for its type (a cotangent must come back typed like its input).
-        return a, (x, w, a, b)
+        return a, (x, w, a if z is None else z, b)
     return a
 
 
@@ -165,24 +194,26 @@ def _backward_layout(has_bias: bool) -> _sharding.Layout:
 def _dense_bwd_rule(activation, impl, residuals, g):
     from fusedvjp.kernels import dense as kernels
 
-    x, w, a, b = residuals
+    x, w, r, b = residuals
     options = dict(has_bias=b is not None, activation=activation)
     dx, dw, db = run_kernel(
         impl,
         functools.partial(kernels.dense_bwd, **options),
         functools.partial(_dense_bwd_jnp, **options),
-        (x, w, a, g),
+        (x, w, r, g),
         "dense",
         _backward_layout(b is not None),
     )
     return _sharding.match_cotangent(dx, x), _sharding.match_cotangent(dw, w), _sharding.match_cotangent(db, b)
 
 
-def _dense_bwd_jnp(x, w, a, g, *, has_bias, activation):
+def _dense_bwd_jnp(x, w, r, g, *, has_bias, activation):
     dz = g.astype(compute_dtype(x.dtype))
-    if activation == "tanh":
-        a = a.astype(dz.dtype)
-        dz = dz * (1.0 - a * a)  # tanh'(z) = 1 - tanh(z)**2 = 1 - a**2
+    if activation is not None:
+        from fusedvjp.kernels.dense import common
+
+        # act'(z) from the residual r (a for tanh: 1 - a**2; z for gelu), in dz's dtype.
+        dz = dz * common.derivative(r.astype(dz.dtype), activation)
     # dz is rounded to the operand dtype once, as the kernels do, before both matmuls.
     dz_operand = dz.astype(x.dtype)
     dx = _matmul(dz_operand, w.T).astype(x.dtype)
@@ -222,7 +253,12 @@ def dense(x, w, b=None, *, activation=None, impl="auto"):
       x: ``[..., K]`` floating input.
       w: ``[K, N]`` weights (Flax kernel layout). Cast to ``x.dtype``.
       b: ``[N]`` bias or None. Cast to ``x.dtype``.
-      activation: ``None`` or ``"tanh"``, applied to the f32 accumulator.
+      activation: ``None``, ``"tanh"``, ``"gelu"`` (tanh approximation, as
+        ``jax.nn.gelu(approximate=True)``) or ``"gelu_exact"`` (erf, as
+        ``jax.nn.gelu(approximate=False)``), applied to the f32 accumulator. For the gelus
+        the forward also writes ``z = x @ w + b`` (in ``x.dtype``) as the backward's
+        residual when differentiated; Triton cannot lower erf, so ``"gelu_exact"`` on a
+        GPU runs the Mosaic GPU kernels (Hopper, bf16) or falls back to jnp.
       impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:

@@ -8,6 +8,7 @@ numerics tests (forward and VJP of every impl against float64, interpret mode,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -106,12 +107,13 @@ def _normal(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
 
 
-# --- dense / dense_tanh: shape (M, K, N) -------------------------------------------------
+# --- dense / dense_tanh / dense_gelu: shape (M, K, N) ------------------------------------
 
 
 def _dense_inputs(rng, shape, dtype):
     m, k, n = shape
-    # Scaled so z = x @ w + b is O(1): tanh is then neither linear nor saturated.
+    # Scaled so z = x @ w + b is O(1): tanh is then neither linear nor saturated, and gelu
+    # is seen on both sides of its minimum (z = -0.75).
     return (_normal(rng, (m, k), dtype), _normal(rng, (k, n), dtype, 1 / math.sqrt(k)), _normal(rng, (n,), dtype, 0.5))
 
 
@@ -126,8 +128,14 @@ def _dense_bytes(shape, dtype, mode):
     fwd = (m * k + k * n + n + m * n) * s  # read x, w, b; write a
     if mode == "fwd":
         return fwd
-    # backward: read x, w, a, g; write dx, dw, db
+    # backward: read x, w, the residual (a for tanh, z for gelu), g; write dx, dw, db
     return fwd + (m * k + k * n + 2 * m * n + m * k + k * n + n) * s
+
+
+def _dense_gelu_bytes(shape, dtype, mode):
+    # Differentiated, the gelu forward also writes z (its backward's residual).
+    m, _, n = shape
+    return _dense_bytes(shape, dtype, mode) + (0 if mode == "fwd" else m * n * _itemsize(dtype))
 
 
 def _dense_flops(shape, dtype, mode):
@@ -153,6 +161,17 @@ register(OpSpec(
     reference=lambda x, w, b: ops.dense_reference(x, w, b, activation="tanh"),
     bench_shapes={"mnist": [(128, 784, 512)], "llm": [(8192, 4096, 4096)]},
     **_DENSE_COMMON,
+))
+
+register(OpSpec(
+    name="dense_gelu",
+    fn=functools.partial(ops.dense, activation="gelu"),
+    # What a user writes: jax.nn.gelu(x @ w + b, approximate=True), the bias and gelu in f32.
+    reference=lambda x, w, b: ops.dense_reference(x, w, b, activation="gelu"),
+    # A transformer MLP's up-projection (d_model 4096 -> 4 * 4096 would be 4x the flops;
+    # the same 8192 x 4096 x 4096 as dense_tanh keeps the two comparable).
+    bench_shapes={"mnist": [], "llm": [(8192, 4096, 4096)]},
+    **{**_DENSE_COMMON, "bytes": _dense_gelu_bytes},
 ))
 
 register(OpSpec(

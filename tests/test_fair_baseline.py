@@ -66,7 +66,7 @@ def test_bf16_forward_and_backward_matmuls_take_bf16_operands(spec, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ("dense", "dense_tanh"))
+@pytest.mark.parametrize("name", ("dense", "dense_tanh", "dense_gelu"))
 def test_f32_matmuls_stay_ieee(name, impl):
     spec = registry.get(name)
     found = dots(fwd_bwd(spec, impl), *spec.abstract_inputs(spec.test_shapes[0], jnp.float32))

@@ -1,4 +1,4 @@
-"""The fused dense(+tanh) Pallas kernels: interpret-mode numerics on CPU for both
+"""The fused dense(+activation) Pallas kernels: interpret-mode numerics on CPU for both
 backends, block-size rules, and lowering for an abstract H100 and TPU."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from conftest import (
     lowered_kernel_names,
     randn,
 )
+from fusedvjp.kernels import _common
 from fusedvjp.kernels.dense import DenseBackwardBlockSizes, DenseBlockSizes, dense_bwd, dense_fwd
 from fusedvjp.kernels.dense import mosaic_tpu as kd_tpu
 from fusedvjp.kernels.dense import triton as kd_triton
@@ -55,16 +56,30 @@ def _test_blocks(backend: str, m: int, n: int, k: int) -> DenseBlockSizes:
     return DenseBlockSizes(bm, bn, bk)
 
 
-def _dense_reference(x, w, b, activation):
-    z = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
-    if b is not None:
-        z = z + b
+def _activate(z, activation):
+    if activation in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(z, approximate=activation == "gelu")
     return jnp.tanh(z) if activation == "tanh" else z
 
 
-def _dense_bwd_reference(x, w, a, g, has_bias, activation):
-    """The backward formulas from a given residual a, in the inputs' dtype."""
-    dz = g * (1 - a * a) if activation == "tanh" else g
+def _preactivation(x, w, b):
+    z = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+    return z if b is None else z + b
+
+
+def _dense_reference(x, w, b, activation):
+    return _activate(_preactivation(x, w, b), activation)
+
+
+def _dense_bwd_reference(x, w, r, g, has_bias, activation):
+    """The backward formulas from a given residual r (a for tanh, z for gelu), in the
+    inputs' dtype. gelu's derivative is JAX's autodiff of jax.nn.gelu, not the kernels' formula."""
+    if activation == "tanh":
+        dz = g * (1 - r * r)
+    elif activation in ("gelu", "gelu_exact"):
+        dz = g * jax.jvp(lambda z: _activate(z, activation), (r,), (jnp.ones_like(r),))[1]
+    else:
+        dz = g
     hi = jax.lax.Precision.HIGHEST
     return jnp.dot(dz, w.T, precision=hi), jnp.dot(x.T, dz, precision=hi), (dz.sum(0) if has_bias else None)
 
@@ -79,7 +94,8 @@ def _reference_vjp(x, w, b, g, activation):
 
 
 def _inputs(rng, m, k, n, dtype, has_bias):
-    # z = x w + b of order 1: tanh neither linear nor saturated everywhere.
+    # z = x w + b of order 1: tanh neither linear nor saturated everywhere; gelu on both
+    # sides of its minimum (z = -0.75).
     x = randn(rng, (m, k), dtype)
     w = randn(rng, (k, n), dtype, scale=1.0 / np.sqrt(k))
     b = randn(rng, (n,), dtype, scale=0.5) if has_bias else None
@@ -90,11 +106,12 @@ def _inputs(rng, m, k, n, dtype, has_bias):
 def _run_kernels(x, w, b, g, activation, backend, block_sizes):
     @jax.jit
     def run(x, w, b, g):
-        a = dense_fwd(x, w, b, activation=activation, backend=backend, block_sizes=block_sizes)
+        a, r = dense_fwd(x, w, b, activation=activation, backend=backend, block_sizes=block_sizes,
+                         return_residual=True)
         dx, dw, db = dense_bwd(
-            x, w, a, g, has_bias=b is not None, activation=activation, backend=backend, block_sizes=block_sizes
+            x, w, r, g, has_bias=b is not None, activation=activation, backend=backend, block_sizes=block_sizes
         )
-        return a, (dx, dw, db)
+        return a, r, (dx, dw, db)
 
     return run(x, w, b, g)
 
@@ -114,18 +131,23 @@ def _compare(name, got, want, plain, like, dtype):
 
 
 def _check_against_oracle(got, x, w, b, g, activation, dtype):
-    """Forward and backward each against float64 (and, in bf16, against plain bf16 jnp),
-    then the gradients end to end against float64 autodiff of the reference."""
-    a, grads = got
+    """Forward (and gelu's residual z) and backward each against float64 (and, in bf16,
+    against plain bf16 jnp), then the gradients end to end against float64 autodiff of
+    the reference."""
+    a, r, grads = got
     has_bias = b is not None
     want, plain = float64_oracle(_dense_reference, x, w, b, activation), _dense_reference(x, w, b, activation)
     _compare("a", a, want, plain, x, dtype)
-    # The backward from the kernel's own residual a: its error is the backward's alone.
-    want = float64_oracle(_dense_bwd_reference, x, w, a, g, has_bias, activation)
-    plain = _dense_bwd_reference(x, w, a, g, has_bias, activation)
+    if activation in ("gelu", "gelu_exact"):
+        _compare("z", r, float64_oracle(_preactivation, x, w, b), _preactivation(x, w, b), x, dtype)
+    else:
+        np.testing.assert_array_equal(r, a, err_msg="tanh's and no activation's residual is the output itself")
+    # The backward from the kernel's own residual: its error is the backward's alone.
+    want = float64_oracle(_dense_bwd_reference, x, w, r, g, has_bias, activation)
+    plain = _dense_bwd_reference(x, w, r, g, has_bias, activation)
     for name, got_i, want_i, plain_i, like in zip(("dx", "dw", "db"), grads, want, plain, (x, w, w)):
         _compare(name, got_i, want_i, plain_i, like, dtype)
-    # End to end, a's rounding included (tanh' = 1 - a**2 amplifies it where |a| -> 1).
+    # End to end, the residual's rounding included (tanh' = 1 - a**2 amplifies it where |a| -> 1).
     want = float64_oracle(_reference_vjp, x, w, b, g, activation)
     for name, got_i, want_i, like in zip(("dx", "dw", "db"), grads, want, (x, w, w)):
         _compare(f"{name} (end to end)", got_i, want_i, None, like, dtype)
@@ -137,19 +159,34 @@ def _check_against_oracle(got, x, w, b, g, activation, dtype):
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("has_bias", "activation"), [(True, "tanh"), (False, None)], ids=["bias_tanh", "plain"])
+@pytest.mark.parametrize(
+    ("has_bias", "activation"),
+    [(True, "tanh"), (False, None), (True, "gelu"), (False, "gelu_exact")],
+    ids=["bias_tanh", "plain", "bias_gelu", "gelu_exact"],
+)
 def test_dense_matches_float64_oracle(rng, backend, shape, dtype_name, has_bias, activation):
     m, k, n = shape
     dtype = DTYPES[dtype_name]
     x, w, b, g = _inputs(rng, m, k, n, dtype, has_bias)
+    if backend == "triton" and activation == "gelu_exact":
+        # The Pallas Triton lowering has no erf: refused at trace time, in interpret mode too.
+        with pytest.raises(NotImplementedError, match="no rule for lax.erf"):
+            _run_kernels(x, w, b, g, activation, backend, _test_blocks(backend, m, n, k))
+        return
     got = _run_kernels(x, w, b, g, activation, backend, _test_blocks(backend, m, n, k))
     _check_against_oracle(got, x, w, b, g, activation, dtype)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("has_bias", "activation"), [(True, None), (False, "tanh")], ids=["bias_plain", "tanh"])
+@pytest.mark.parametrize(
+    ("has_bias", "activation"),
+    [(True, None), (False, "tanh"), (False, "gelu"), (True, "gelu_exact")],
+    ids=["bias_plain", "tanh", "gelu", "bias_gelu_exact"],
+)
 def test_dense_other_bias_activation_pairs(rng, backend, dtype_name, has_bias, activation):
+    if backend == "triton" and activation == "gelu_exact":
+        pytest.skip("refused by Triton (test_dense_matches_float64_oracle checks the refusal)")
     m, k, n = SHAPES["ragged_all"]
     dtype = DTYPES[dtype_name]
     x, w, b, g = _inputs(rng, m, k, n, dtype, has_bias)
@@ -305,6 +342,10 @@ LOWERING_CASES = {
     "mnist_logits_f32": ((128, 512, 10), jnp.float32, False, None, None),
     "llm_bf16": ((8192, 4096, 4096), jnp.bfloat16, True, "tanh", None),
     "llm_bf16_triton": ((8192, 4096, 4096), jnp.bfloat16, True, "tanh", "triton"),
+    "mnist_hidden_f32_gelu": ((128, 784, 512), jnp.float32, True, "gelu", None),
+    "llm_bf16_gelu": ((8192, 4096, 4096), jnp.bfloat16, True, "gelu", None),
+    "llm_bf16_gelu_triton": ((8192, 4096, 4096), jnp.bfloat16, True, "gelu", "triton"),
+    "llm_bf16_gelu_exact": ((8192, 4096, 4096), jnp.bfloat16, True, "gelu_exact", None),
 }
 # On an H100, bf16 shapes of whole TMA tiles go to the Mosaic GPU kernels (first in
 # _common.BACKENDS); their dz pass is an XLA fusion.
@@ -313,17 +354,27 @@ MGPU_KERNELS = ("fusedvjp_dense_fwd_mgpu", "fusedvjp_dense_bwd_dx_mgpu", "fusedv
 
 @pytest.mark.parametrize("case", LOWERING_CASES.values(), ids=LOWERING_CASES.keys())
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_to_compiled_kernels(platform, case):
+def test_lowers_to_compiled_kernels(platform, case, monkeypatch):
     (m, k, n), dtype, has_bias, activation, backend = case
     if backend is not None and platform != "cuda":
         pytest.skip("a GPU backend")
 
     def fwd_and_bwd(x, w, b, g):
-        a = dense_fwd(x, w, b if has_bias else None, activation=activation, backend=backend)
-        return a, dense_bwd(x, w, a, g, has_bias=has_bias, activation=activation, backend=backend)
+        a, r = dense_fwd(x, w, b if has_bias else None, activation=activation, backend=backend, return_residual=True)
+        return a, dense_bwd(x, w, r, g, has_bias=has_bias, activation=activation, backend=backend)
 
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-    text = lower_for(platform, fwd_and_bwd, spec(m, k), spec(k, n), spec(n), spec(m, n))
+    args = spec(m, k), spec(k, n), spec(n), spec(m, n)
+    if platform == "cuda" and activation == "gelu_exact":
+        # No GPU forward kernel lowers erf (Triton, Mosaic GPU): the ops layer falls back.
+        with pytest.raises(NotImplementedError, match="no rule for lax.erf"):
+            lower_for(platform, fwd_and_bwd, *args)
+        return
+    if activation == "gelu_exact":
+        # The CPU branch (Triton interpreted) refuses erf, which blocks a trace on this CPU
+        # host; on a TPU host (default backend TPU) only the TPU branch counts.
+        monkeypatch.setattr(_common, "target_platforms", lambda: {platform})
+    text = lower_for(platform, fwd_and_bwd, *args)
     if platform == "cuda" and dtype == jnp.bfloat16 and backend is None:
         assert lowered_kernel_names(text, platform) == [], "no Triton kernel when Mosaic GPU serves the case"
         assert text.count("mosaic_gpu_v2") == 3 and all(name in text for name in MGPU_KERNELS)
@@ -352,8 +403,8 @@ def test_lowering_check_names_each_kernel(platform):
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize(("has_bias", "activation"), [(True, "tanh"), (True, None), (False, "tanh")],
-                         ids=["bias_tanh", "bias_plain", "tanh"])
+@pytest.mark.parametrize(("has_bias", "activation"), [(True, "tanh"), (True, None), (False, "tanh"), (True, "gelu")],
+                         ids=["bias_tanh", "bias_plain", "tanh", "bias_gelu"])
 @pytest.mark.parametrize("block_k", [16, 256], ids=["dz_pass", "recompute"])
 def test_triton_backward_both_dz_paths(rng, dtype_name, has_bias, activation, block_k):
     # K = 130 in 16-wide steps: 9 + 9 programs per slab, so dz (and db) is written once
@@ -367,9 +418,10 @@ def test_triton_backward_both_dz_paths(rng, dtype_name, has_bias, activation, bl
 
     @jax.jit
     def run(x, w, b, g):
-        a = dense_fwd(x, w, b, activation=activation, backend="triton", block_sizes=DenseBlockSizes(32, 16, 64))
-        return a, dense_bwd(x, w, a, g, has_bias=b is not None, activation=activation, backend="triton",
-                            block_sizes=bwd)
+        a, r = dense_fwd(x, w, b, activation=activation, backend="triton", block_sizes=DenseBlockSizes(32, 16, 64),
+                         return_residual=True)
+        return a, r, dense_bwd(x, w, r, g, has_bias=b is not None, activation=activation, backend="triton",
+                               block_sizes=bwd)
 
     _check_against_oracle(run(x, w, b, g), x, w, b, g, activation, dtype)
 
@@ -388,8 +440,6 @@ def test_dz_pass_choice_counts_programs():
 
 def test_disabled_backends_hand_hopper_cases_to_triton():
     # What the Triton sweep does on an H100: without Mosaic GPU the bf16 case is Triton's.
-    from fusedvjp.kernels import _common
-
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     fwd = lambda x, w: dense_fwd(x, w, None, activation="tanh")  # noqa: E731
     assert "fusedvjp_dense_fwd_mgpu" in lower_for("cuda", fwd, spec(256, 128), spec(128, 256))

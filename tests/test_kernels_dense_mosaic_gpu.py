@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ABSTRACT_DEVICES, lower_for, randn
+from conftest import ABSTRACT_DEVICES, float64_oracle, lower_for, randn
 from fusedvjp.kernels.dense import mosaic_gpu as mg
 
 # (M, K, N). With TILES every kernel has several output tiles, and:
@@ -45,6 +45,8 @@ TILES = mg.DenseMosaicGpuBlockSizes(block_m=64, block_n=128, block_k=128, max_co
 # Bites: dropping tanh' = (1 - a**2) changes dz by g a**2, of order 0.3 T, ~80 times the
 # bound; a missing bias shifts z by |b| ~ 0.5 against a bound of ~0.01.
 REL = 2.0**-8
+# gelu'(z) <= 1.13: the f32 error of z reaches a through at most that factor.
+GELU_SLOPE = 1.13
 
 
 def _f64(t) -> np.ndarray:
@@ -81,10 +83,28 @@ def few_sms(monkeypatch):
     monkeypatch.setattr(mg, "NUM_SMS", 3)
 
 
-OPTIONS = {"bias_tanh": (True, "tanh"), "plain": (False, None), "bias": (True, None), "tanh": (False, "tanh")}
-# Every shape with and without (bias, tanh); the mixed pairs on the overhang shape only
-# (interpret mode is slow).
-CASES = [(s, o) for s in SHAPES for o in ("bias_tanh", "plain")] + [("overhang", "bias"), ("overhang", "tanh")]
+OPTIONS = {
+    "bias_tanh": (True, "tanh"), "plain": (False, None), "bias": (True, None), "tanh": (False, "tanh"),
+    "bias_gelu": (True, "gelu"), "gelu_exact": (False, "gelu_exact"),
+}
+# Every shape with and without (bias, tanh); the mixed pairs and the gelus (gelu's forward
+# also stores z through the same epilogue slots; gelu_exact's is refused, its backward
+# runs) on a few shapes (interpret mode is slow).
+CASES = [(s, o) for s in SHAPES for o in ("bias_tanh", "plain")] + [
+    ("overhang", "bias"), ("overhang", "tanh"), ("overhang", "bias_gelu"), ("multi_tile", "bias_gelu"),
+    ("overhang", "gelu_exact"),
+]
+
+
+def _activate(z, activation):
+    if activation in ("gelu", "gelu_exact"):
+        return jax.nn.gelu(z, approximate=activation == "gelu")
+    return jnp.tanh(z) if activation == "tanh" else z
+
+
+def _slope(z, activation):
+    """act'(z) by JAX's autodiff (in float64 under float64_oracle), not the kernels' formula."""
+    return jax.jvp(lambda z: _activate(z, activation), (z,), (jnp.ones_like(z),))[1]
 
 
 @pytest.mark.usefixtures("few_sms")
@@ -94,17 +114,31 @@ def test_matches_float64_oracle(rng, shape_name, options):
     x, w, b, g = _inputs(rng, m, k, n, has_bias)
     bias = () if b is None else (b,)
 
-    a = mg.fwd(x, w, *bias, activation=activation, block_sizes=TILES, interpret=True)
-    assert a.dtype == jnp.bfloat16
+    gelu = activation in ("gelu", "gelu_exact")
     xf, wf, gf = _f64(x), _f64(w), _f64(g)
     z = xf @ wf + (_f64(b) if has_bias else 0.0)
-    _assert_within("a", a, np.tanh(z) if activation else z,
-                   np.abs(xf) @ np.abs(wf) * 2.0**-12 + (np.abs(_f64(b)) * 2.0**-12 if has_bias else 0.0))
+    if activation == "gelu_exact":
+        # Refused by the forward (no erf in the warpgroup lowering); the backward takes z.
+        with pytest.raises(NotImplementedError, match="math.erf"):
+            mg.fwd(x, w, *bias, activation=activation, block_sizes=TILES, interpret=True, write_z=True)
+        r = jnp.asarray(z, jnp.bfloat16)
+    else:
+        out = mg.fwd(x, w, *bias, activation=activation, block_sizes=TILES, interpret=True, write_z=gelu)
+        a, r = out if gelu else (out, out)
+        assert a.dtype == jnp.bfloat16 and r.dtype == jnp.bfloat16
+        z_terms = np.abs(xf) @ np.abs(wf) * 2.0**-12 + (np.abs(_f64(b)) * 2.0**-12 if has_bias else 0.0)
+        _assert_within("a", a, float64_oracle(_activate, z, activation), z_terms * (GELU_SLOPE if gelu else 1.0))
+        if gelu:
+            _assert_within("z", r, z, z_terms)
 
-    # The backward from the kernel's own residual a: its error is the backward's alone.
-    dx, dw, db = mg.bwd(x, w, g, *((a,) if activation else ()), has_bias=has_bias, block_sizes=TILES,
-                        interpret=True)
-    dz = gf * (1.0 - _f64(a) ** 2) if activation else gf
+    # The backward from the kernel's own residual (a for tanh, z for gelu): its error is
+    # the backward's alone.
+    dx, dw, db = mg.bwd(x, w, g, *((r,) if activation else ()), activation=activation, has_bias=has_bias,
+                        block_sizes=TILES, interpret=True)
+    if activation == "tanh":
+        dz = gf * (1.0 - _f64(r) ** 2)
+    else:
+        dz = gf * float64_oracle(_slope, _f64(r), activation) if gelu else gf
     _assert_within("dx", dx, dz @ wf.T, np.abs(dz) @ np.abs(wf).T)
     _assert_within("dw", dw, xf.T @ dz, np.abs(xf).T @ np.abs(dz))
     if has_bias:
@@ -123,7 +157,7 @@ def _fwd(x, w, *b):
 
 
 def _bwd(x, w, g, a):
-    return mg.bwd(x, w, g, a, has_bias=True, block_sizes=None, interpret=False)
+    return mg.bwd(x, w, g, a, activation="tanh", has_bias=True, block_sizes=None, interpret=False)
 
 
 def _on_h100():
@@ -136,6 +170,18 @@ def _on_h100():
 def _structs(m, k, n, dtype):
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
     return dict(fwd=(s(m, k), s(k, n), s(n)), bwd=(s(m, k), s(k, n), s(m, n), s(m, n)))
+
+
+def test_gelu_exact_forward_is_refused_and_its_backward_lowers():
+    # No erf in the warpgroup lowering: the forward is refused (the dispatcher falls back);
+    # the backward's erf is in the XLA dz fusion, so its kernels take the case.
+    s = _structs(256, 128, 128, jnp.bfloat16)
+    fwd = functools.partial(mg.fwd, activation="gelu_exact", block_sizes=None, interpret=False, write_z=True)
+    with _on_h100(), pytest.raises(NotImplementedError, match="math.erf"):
+        jax.eval_shape(fwd, *s["fwd"])
+    bwd = functools.partial(mg.bwd, activation="gelu_exact", has_bias=True, block_sizes=None, interpret=False)
+    text = lower_for("cuda", bwd, *s["bwd"])
+    assert text.count("mosaic_gpu_v2") == 2 and "erf" in text
 
 
 @pytest.mark.parametrize(
@@ -195,6 +241,20 @@ def test_block_sizes_validation(kwargs, kernel, message):
         mg.DenseMosaicGpuBlockSizes(**kwargs).check_kernel(kernel)
 
 
+def test_gelu_forward_takes_tiles_that_do_not_spill():
+    # 128 x 256 tiles (128 accumulator registers) spilled in the gelu forward (H100 ptxas);
+    # its default is 128 x 128, and larger explicit tiles are refused.
+    bs = mg.DenseMosaicGpuBlockSizes.default(8192, 4096, 4096, jnp.bfloat16, "fwd", "gelu")
+    assert bs.tiles("fwd") == (128, 128, 64)
+    assert mg.DenseMosaicGpuBlockSizes.default(8192, 4096, 4096, jnp.bfloat16, "fwd", "tanh").tiles("fwd") == (128, 256, 64)
+    x, w, b = _structs(8192, 4096, 4096, jnp.bfloat16)["fwd"]
+    fwd = functools.partial(mg.fwd, activation="gelu", interpret=False, write_z=True)
+    with _on_h100():
+        assert jax.eval_shape(functools.partial(fwd, block_sizes=bs), x, w, b)[1].shape == (8192, 4096)
+        with pytest.raises(ValueError, match="128 accumulator registers a thread, more than the 64"):
+            jax.eval_shape(functools.partial(fwd, block_sizes=mg.DenseMosaicGpuBlockSizes()), x, w, b)
+
+
 @pytest.mark.parametrize("shape", [(8192, 4096, 4096), (256, 128, 128), (8, 64, 64), (4096, 64, 64)])
 @pytest.mark.parametrize("kernel", mg.KERNELS)
 def test_default_block_sizes_are_legal(shape, kernel):
@@ -205,13 +265,17 @@ def test_default_block_sizes_are_legal(shape, kernel):
         assert bs.tiles(kernel) == (128, 256, 64)
 
 
-def test_lowers_to_mosaic_gpu_custom_call():
-    """For an abstract H100 the kernels lower to Mosaic GPU custom calls, one per kernel."""
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_lowers_to_mosaic_gpu_custom_call(activation):
+    """For an abstract H100 the kernels lower to Mosaic GPU custom calls, one per kernel
+    (gelu's forward with its second output, z)."""
     s = _structs(256, 128, 128, jnp.bfloat16)
+    gelu = activation != "tanh"
 
     def fwd_bwd(x, w, b, g, _):
-        a = _fwd(x, w, b)
-        return a, _bwd(x, w, g, a)
+        out = mg.fwd(x, w, b, activation=activation, block_sizes=None, interpret=False, write_z=gelu)
+        a, r = out if gelu else (out, out)
+        return a, mg.bwd(x, w, g, r, activation=activation, has_bias=True, block_sizes=None, interpret=False)
 
     text = lower_for("cuda", fwd_bwd, *s["fwd"], *s["bwd"][2:])
     assert text.count("mosaic_gpu_v2") == 3, text.count("mosaic_gpu_v2")

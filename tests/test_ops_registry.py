@@ -51,6 +51,7 @@ def exact_grads_and_terms(spec, args, g, options):
 KERNELS = {
     "dense_tanh": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
     "dense": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
+    "dense_gelu": ("fusedvjp_dense_fwd", "fusedvjp_dense_bwd_dx", "fusedvjp_dense_bwd_dw"),
     "softmax_cross_entropy_with_integer_labels": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
     "softmax_cross_entropy": ("fusedvjp_xent_fwd", "fusedvjp_xent_bwd"),
     "linear_softmax_cross_entropy_with_integer_labels": ("fusedvjp_lce_stats", "fusedvjp_lce_dlogits"),
@@ -67,7 +68,7 @@ DENSE_ON_CUDA = {
 
 
 def kernels_of(spec, platform: str | None = None, dname: str | None = None) -> tuple[str, ...]:
-    if platform == "cuda" and spec.name in ("dense", "dense_tanh"):
+    if platform == "cuda" and spec.name in ("dense", "dense_tanh", "dense_gelu"):
         return DENSE_ON_CUDA[dname]
     return KERNELS.get(spec.name, (f"fusedvjp_{spec.name}_fwd", f"fusedvjp_{spec.name}_bwd"))
 

@@ -79,12 +79,13 @@ USERS = {
     "rms_norm": ((8192, 4096), _flax_rms_norm),
     LCE: ((4096, 2048, 32768), lambda x, w, b, y: optax.softmax_cross_entropy_with_integer_labels(x @ w + b, y)),
     "dense_tanh": ((8192, 4096, 4096), lambda x, w, b: jnp.tanh(x @ w + b)),
+    "dense_gelu": ((8192, 4096, 4096), lambda x, w, b: jax.nn.gelu(x @ w + b)),
 }
 # The fewest (reads, writes) any formulation can make (the registry's byte count: e.g. the
 # cross-entropy's 2 reads and 1 write; dense reads x, w, then x, w, a, g and writes a, dx,
 # dW, all [M, N]-sized at the llm shape; the materialized linear cross-entropy writes and
 # reads its logits at least once): the counter must find at least that.
-FLOOR = {XENT: (2, 1), XENT_PROB: (4, 2), "layer_norm": (3, 2), "rms_norm": (3, 2), LCE: (1, 1), "dense_tanh": (6, 3)}
+FLOOR = {XENT: (2, 1), XENT_PROB: (4, 2), "layer_norm": (3, 2), "rms_norm": (3, 2), LCE: (1, 1), "dense_tanh": (6, 3), "dense_gelu": (6, 3)}
 
 
 def _count(fn, args, elements) -> passes.Passes:

@@ -34,6 +34,7 @@ BATCH = 64
 SHAPES = {
     "dense": (BATCH, 24, 40),
     "dense_tanh": (BATCH, 24, 40),
+    "dense_gelu": (BATCH, 24, 40),
     "softmax_cross_entropy_with_integer_labels": (BATCH, 12),
     "softmax_cross_entropy": (BATCH, 12),
     "layer_norm": (BATCH, 20),
@@ -182,7 +183,7 @@ TENSOR_PARALLEL = {
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("parallel", TENSOR_PARALLEL)
-@pytest.mark.parametrize("name", ["dense", "dense_tanh"])
+@pytest.mark.parametrize("name", ["dense", "dense_tanh", "dense_gelu"])
 def test_tensor_parallel_dense(name, parallel, impl, axis_type):
     spec, args = _inputs(name)
     m, k, n = SHAPES[name]

@@ -1,17 +1,19 @@
 """Fused dense layer ``a = act(x @ w + b)`` with a hand-written backward pass.
 
-The VJP, for ``z = x W + b`` and ``a = tanh(z)`` (``a = z`` without activation):
+The VJP, for ``z = x W + b`` and ``a = act(z)`` (``a = z`` without activation):
 
-    dz = g * (1 - a**2)        # tanh'(z) = 1 - tanh(z)**2, so `a` alone suffices
+    dz = g * act'(z)           # tanh: 1 - a**2; gelu: from z (common.dz)
     dx = dz W^T                # [M, N] @ [N, K]
     dW = x^T dz                # [K, M] @ [M, N] = sum over rows of outer products x_r dz_r
     db = sum_rows(dz)          # [N]
 
-The forward output ``a`` is the only residual besides the inputs: tanh' is a function
-of ``a``, so neither ``z`` nor a mask needs saving. Per backend, ``dz`` is either
+One residual besides the inputs: the forward output ``a`` for tanh (tanh' is a function
+of ``a``, so nothing extra is written), the pre-activation ``z`` for ``"gelu"`` and
+``"gelu_exact"`` (gelu' is not a function of gelu(z); the forward then writes ``z`` as
+a second output, see ``common.saves_preactivation``). Per backend, ``dz`` is either
 written once by a pass that also sums ``db`` (then ``dx`` and ``dW`` are plain matmuls
 of it) or recomputed in f32 in the prologue of both backward matmuls from the ``g``
-and ``a`` tiles they load; each backend module says which it does and why.
+and residual tiles they load; each backend module says which it does and why.
 
 One file per backend: ``triton.py`` (any CUDA/ROCm GPU), ``mosaic_gpu.py`` (Hopper,
 bf16: TMA and wgmma), ``mosaic_tpu.py``; ``common.py`` holds the tiles and the math
@@ -19,8 +21,8 @@ they share. Each kernel has its own tiles (``DenseBlockSizes``), named by the pr
 axes: ``block_m`` along M (rows of x), ``block_n`` along N (outputs) and ``block_k``
 along K (inputs), whichever is the kernel's reduction axis.
 
-Precision: the matmuls accumulate in f32 (``preferred_element_type``); bias, tanh and
-``dz`` are f32; outputs are cast once at the store. For f32 operands every dot asks for
+Precision: the matmuls accumulate in f32 (``preferred_element_type``); bias, activation
+and ``dz`` are f32; outputs are cast once at the store. For f32 operands every dot asks for
 ``lax.Precision.HIGHEST``: in jax 0.11.2 the Pallas Triton lowering maps a dot's
 default precision (``None``/``DEFAULT``) and ``HIGH`` to Triton's ``input_precision=
 "tf32"`` and only ``HIGHEST`` to ``"ieee"`` (``DotAlgorithmPreset.F32_F32_F32`` also
@@ -47,6 +49,7 @@ from fusedvjp.kernels.dense.common import (
     DTYPES,
     DenseBackwardBlockSizes,
     DenseBlockSizes,
+    saves_preactivation,
 )
 
 from fusedvjp.kernels.dense.mosaic_gpu import DenseMosaicGpuBlockSizes
@@ -89,26 +92,32 @@ def dense_fwd(
     activation: str | None,
     backend: str | None = None,
     block_sizes: DenseBlockSizes | None = None,
-) -> jax.Array:
-    """Fused ``act(x @ w + b)``; the result is also the residual of :func:`dense_bwd`.
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Fused ``act(x @ w + b)``, and with ``return_residual`` the residual of :func:`dense_bwd`.
 
     Args:
       x: [M, K] float32 or bfloat16.
       w: [K, N], x's dtype.
       b: [N], x's dtype, or None: then no bias is read (a kernel variant without one).
-      activation: None or "tanh".
+      activation: one of ``ACTIVATIONS``: None, "tanh", "gelu" (tanh approximation,
+        ``jax.nn.gelu(approximate=True)``) or "gelu_exact" (erf).
       backend: "triton", "mosaic_tpu", or None to pick per lowering platform (CPU
         interprets; see ``_common.platform_dispatch``).
       block_sizes: the forward kernel's tiles; None picks ``DenseBlockSizes.default``
         per backend. With ``backend=None`` the sizes must be legal for every backend,
         since a branch is traced for each platform.
+      return_residual: also return the backward's residual: ``a`` itself for None and
+        "tanh", the pre-activation ``z = x @ w + b`` (x's dtype, a second output of the
+        same kernel) for "gelu" and "gelu_exact".
 
     Returns:
-      a: [M, N] in x's dtype.
+      a: [M, N] in x's dtype; ``(a, residual)`` with ``return_residual``.
 
     Raises:
       ValueError: bad shapes, mixed dtypes, activation or block sizes.
-      NotImplementedError: a dtype other than float32/bfloat16, or an empty dimension.
+      NotImplementedError: a dtype other than float32/bfloat16, or an empty dimension;
+        "gelu_exact" on Triton (no erf lowering).
 
     Equivalent to: ``act(jnp.dot(x, w, precision=HIGHEST, preferred_element_type=f32) + b).astype(x.dtype)``
     """
@@ -118,16 +127,20 @@ def dense_fwd(
         raise TypeError(
             f"dense_fwd block_sizes must be a DenseBlockSizes, DenseMosaicGpuBlockSizes or None, got {block_sizes!r}"
         )
-    static = dict(activation=activation, block_sizes=block_sizes)
+    write_z = return_residual and saves_preactivation(activation)
+    static = dict(activation=activation, block_sizes=block_sizes, write_z=write_z)
     impls = {name: functools.partial(backend_module.fwd, **static) for name, backend_module in _BACKENDS.items()}
     arrays = (x, w) if b is None else (x, w, b)
-    return _common.platform_dispatch(impls, *arrays, backend=backend, op_name="dense")
+    out = _common.platform_dispatch(impls, *arrays, backend=backend, op_name="dense")
+    if not return_residual or write_z:
+        return out
+    return out, out
 
 
 def dense_bwd(
     x: jax.Array,
     w: jax.Array,
-    a: jax.Array,
+    residual: jax.Array,
     g: jax.Array,
     *,
     has_bias: bool,
@@ -137,16 +150,19 @@ def dense_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Gradients of ``a = act(x @ w + b)`` for the cotangent ``g``.
 
-    ``dz = g * (1 - a**2)`` (tanh) or ``g`` (no activation) is formed in f32, and
-    rounded to the operand dtype before the matmuls; ``db`` sums the f32 ``dz``.
+    ``dz = g * act'(z)`` (``common.dz``: ``g * (1 - a**2)`` for tanh, ``g`` without
+    activation) is formed in f32, and rounded to the operand dtype before the matmuls;
+    ``db`` sums the f32 ``dz``.
 
     Args:
       x: [M, K] forward input.
       w: [K, N] forward weight.
-      a: [M, N] forward output (the residual); not read when ``activation`` is None.
-      g: [M, N] cotangent of ``a``, a's dtype.
+      residual: [M, N] from :func:`dense_fwd` with ``return_residual``: the output ``a``
+        (tanh), the pre-activation ``z`` (gelu, gelu_exact); not read when
+        ``activation`` is None.
+      g: [M, N] cotangent of ``a``, x's dtype.
       has_bias: whether the forward had a bias (then db is returned).
-      activation: the forward's activation, None or "tanh".
+      activation: the forward's activation.
       backend: as in :func:`dense_fwd`.
       block_sizes: a ``DenseBackwardBlockSizes`` (tiles per kernel), one
         ``DenseBlockSizes`` for both backward kernels, or None (defaults per backend).
@@ -158,15 +174,16 @@ def dense_bwd(
       ValueError: bad shapes, mixed dtypes, activation or block sizes.
       NotImplementedError: as in :func:`dense_fwd`.
 
-    Equivalent to: ``dz = g * (1 - a**2); (dz @ w.T, x.T @ dz, dz.sum(0) if has_bias else None)``
+    Equivalent to: ``dz = g * act'(z); (dz @ w.T, x.T @ dz, dz.sum(0) if has_bias else None)``
     """
     _check_args(x, w)
     _check_activation(activation)
     mn = (x.shape[0], w.shape[1])
-    if a.shape != mn or g.shape != mn or a.dtype != x.dtype or g.dtype != a.dtype:
+    r = residual
+    if r.shape != mn or g.shape != mn or r.dtype != x.dtype or g.dtype != x.dtype:
         raise ValueError(
-            f"dense_bwd expects a and g [M, N] = {list(mn)} in {x.dtype}; "
-            f"got a {a.shape} {a.dtype}, g {g.shape} {g.dtype}"
+            f"dense_bwd expects residual and g [M, N] = {list(mn)} in {x.dtype}; "
+            f"got residual {r.shape} {r.dtype}, g {g.shape} {g.dtype}"
         )
     if block_sizes is not None and not isinstance(
         block_sizes, (DenseBlockSizes, DenseBackwardBlockSizes, DenseMosaicGpuBlockSizes)
@@ -175,7 +192,7 @@ def dense_bwd(
             "dense_bwd block_sizes must be a DenseBlockSizes, DenseBackwardBlockSizes, DenseMosaicGpuBlockSizes "
             f"or None, got {block_sizes!r}"
         )
-    static = dict(has_bias=has_bias, block_sizes=block_sizes)
+    static = dict(has_bias=has_bias, activation=activation, block_sizes=block_sizes)
     impls = {name: functools.partial(backend_module.bwd, **static) for name, backend_module in _BACKENDS.items()}
-    arrays = (x, w, g) if activation is None else (x, w, g, a)
+    arrays = (x, w, g) if activation is None else (x, w, g, r)
     return _common.platform_dispatch(impls, *arrays, backend=backend, op_name="dense")

@@ -11,6 +11,7 @@ others.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,9 @@ from jax import lax
 
 from fusedvjp.kernels import _common
 
-ACTIVATIONS = (None, "tanh")
+ACTIVATIONS = (None, "tanh", "gelu", "gelu_exact")
+# The activations whose backward needs the pre-activation z, not the output a.
+PREACTIVATION_RESIDUAL = ("gelu", "gelu_exact")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # The three kernels of one forward + backward, as the tuning table and `default()` name them.
 KERNELS = ("fwd", "dx", "dw")
@@ -129,14 +132,58 @@ def dot_precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
+# gelu (tanh approximation) = 0.5 z (1 + tanh(u)), u = c (z + 0.044715 z^3), c = sqrt(2/pi):
+# jax.nn.gelu(approximate=True). gelu_exact = z Phi(z) = 0.5 z (1 + erf(z / sqrt 2)).
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+SQRT_HALF = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def saves_preactivation(activation: str | None) -> bool:
+    """Whether the backward's residual is z = x W + b rather than the output a.
+
+    tanh' = 1 - tanh^2 is a function of the output a, which the forward writes anyway.
+    gelu' is not a function of gelu(z): gelu has a minimum near z = -0.75, so two z
+    share each value of a in (-0.17, 0) and their slopes differ. Its backward needs z,
+    which the forward writes as a second output when residuals are asked for.
+    """
+    return activation in PREACTIVATION_RESIDUAL
+
+
 def activate(z: jax.Array, activation: str | None) -> jax.Array:
-    return jnp.tanh(z) if activation == "tanh" else z
+    """act(z) for an f32 z."""
+    if activation == "tanh":
+        return jnp.tanh(z)
+    if activation == "gelu":
+        return 0.5 * z * (1.0 + jnp.tanh(GELU_C * (z + GELU_CUBIC * (z * z * z))))
+    if activation == "gelu_exact":
+        return 0.5 * z * (1.0 + lax.erf(z * SQRT_HALF))
+    return z
 
 
-def dz(g: jax.Array, a: jax.Array | None) -> jax.Array:
-    """dz = g * tanh'(z) = g * (1 - a^2) in f32; dz = g without activation (a is None)."""
+def derivative(r: jax.Array, activation: str) -> jax.Array:
+    """act'(z) from the forward's residual ``r`` (see saves_preactivation), in r's dtype.
+
+    tanh:       act' = 1 - a^2                                        (r = a)
+    gelu:       act' = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 * 0.044715 z^2),
+                t = tanh(c (z + 0.044715 z^3))                        (r = z)
+    gelu_exact: act' = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi)   (r = z)
+    """
+    if activation == "tanh":
+        return 1.0 - r * r
+    z2 = r * r
+    if activation == "gelu":
+        t = jnp.tanh(GELU_C * (r + GELU_CUBIC * (z2 * r)))
+        return 0.5 * (1.0 + t) + 0.5 * r * (1.0 - t * t) * (GELU_C * (1.0 + 3.0 * GELU_CUBIC * z2))
+    if activation == "gelu_exact":
+        return 0.5 * (1.0 + lax.erf(r * SQRT_HALF)) + r * (INV_SQRT_2PI * jnp.exp(-0.5 * z2))
+    raise ValueError(f"unknown dense activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def dz(g: jax.Array, residual: jax.Array | None, activation: str | None) -> jax.Array:
+    """dz = g * act'(z) in f32; dz = g without activation (no residual is read)."""
     g = g.astype(jnp.float32)
-    if a is None:
+    if activation is None:
         return g
-    a = a.astype(jnp.float32)
-    return g * (1.0 - a * a)
+    return g * derivative(residual.astype(jnp.float32), activation)

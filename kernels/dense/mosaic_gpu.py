@@ -22,12 +22,16 @@ accumulator, and what the epilogue computes for padding is never written. The ar
 themselves must be whole TMA tiles (``_check_supported``): K and N multiples of 64 and M
 of 8 -- 200 x 192 x 320 compiles with 64 x 128 x 64 tiles; 128 x 784 x 512 (MNIST) is refused.
 
-dz = g (1 - a^2) is formed once, by an XLA fusion that reads g and a and writes dz in
-bf16 (and db from the f32 dz): 3 M N s bytes. Recomputing it in the kernels instead
-would have every CTA of dx (cdiv(K, block_k) per row block) and of dW (cdiv(K, block_k)
-per column block) load g and a tiles instead of one dz tile: 2 M N s (P + P') bytes
-against 3 M N s + M N s (P + P'), so the pass wins for P + P' > 3 -- every shape with K
-above three tiles (32 at 8192x4096x4096) -- and the compute warpgroups issue only wgmma.
+dz = g act'(z) is formed once, by an XLA fusion that reads g and the residual (a for
+tanh, z for gelu) and writes dz in bf16 (and db from the f32 dz): 3 M N s bytes.
+Recomputing it in the kernels instead would have every CTA of dx (cdiv(K, block_k) per
+row block) and of dW (cdiv(K, block_k) per column block) load g and residual tiles
+instead of one dz tile: 2 M N s (P + P') bytes against 3 M N s + M N s (P + P'), so the
+pass wins for P + P' > 3 -- every shape with K above three tiles (32 at
+8192x4096x4096) -- and the compute warpgroups issue only wgmma.
+
+``"gelu_exact"`` is refused by the forward (the warpgroup lowering has no layout rule for
+``math.erf``); its backward is served (the erf is in the XLA dz fusion).
 
 bf16 only: wgmma has no IEEE f32 path, so f32 (and shapes TMA cannot address) raise
 ``NotImplementedError`` at trace time and the dispatcher falls back to Triton.
@@ -45,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fusedvjp.kernels import _common
-from fusedvjp.kernels.dense.common import KERNELS, activate, dz as dz_of
+from fusedvjp.kernels.dense.common import KERNELS, activate, dz as dz_of, saves_preactivation
 
 # H100 SXM: streaming multiprocessors (the persistent grid's size) and the shared
 # memory one CTA may opt into (227 KiB).
@@ -65,6 +69,11 @@ MEMORY_REGISTERS = 40
 # A compute warpgroup's f32 accumulator [rows, cols / 2] costs rows * cols / 256
 # registers a thread; 128 leaves room for the epilogue below the 255 ceiling.
 MAX_ACC_REGISTERS = 128
+# gelu's epilogue (a tanh and a cubic, and z kept for the residual) needs more:
+# at 128 accumulator registers (128 x 256 tiles) the forward spills (ptxas, H100, 8192 x
+# 4096 x 4096: 80 B of spill stores a thread without z, 48 B with it); at 64 (128 x 128)
+# it does not (168 registers at launch, 0 B).
+MAX_GELU_ACC_REGISTERS = 64
 
 
 # --- block sizes -------------------------------------------------------------------------------
@@ -132,7 +141,8 @@ class DenseMosaicGpuBlockSizes:
             )
 
     @classmethod
-    def default(cls, m: int, n: int, k: int, dtype, kernel: str = "fwd") -> DenseMosaicGpuBlockSizes:
+    def default(cls, m: int, n: int, k: int, dtype, kernel: str = "fwd",
+                activation: str | None = None) -> DenseMosaicGpuBlockSizes:
         """Tiles of ``kernel`` ("fwd", "dx" or "dw") for an [M, K] @ [K, N] problem.
 
         Evidence: static compile for H100 sm_90a only, no GPU measurement exists (jax
@@ -142,6 +152,7 @@ class DenseMosaicGpuBlockSizes:
         fwd, dx and dW to 168 registers at launch (setmaxnreg: 232 compute, 40 memory),
         no spills, 224-225 KiB SMEM, 8 HGMMA.64x128x16 in a 57-instruction K step.
         Smaller problems halve the tile (down to 64 x 128) until the grid covers the SMs.
+        The gelu forward starts at 128 x 128 (``MAX_GELU_ACC_REGISTERS``).
         """
         if kernel not in KERNELS:
             raise ValueError(f"unknown dense kernel {kernel!r}; expected one of {KERNELS}")
@@ -150,7 +161,7 @@ class DenseMosaicGpuBlockSizes:
             return tuned
         rows, cols, step = _axes(kernel)
         size = dict(m=m, n=n, k=k)
-        tile = {rows: 128, cols: 256, step: 64}
+        tile = {rows: 128, cols: 128 if kernel == "fwd" and saves_preactivation(activation) else 256, step: 64}
         while pl.cdiv(size[rows], tile[rows]) * pl.cdiv(size[cols], tile[cols]) < NUM_SMS:
             if tile[cols] > 128:
                 tile[cols] //= 2
@@ -165,9 +176,10 @@ def default_block_sizes(m: int, n: int, k: int, dtype, kernel: str) -> DenseMosa
     return DenseMosaicGpuBlockSizes.default(m, n, k, dtype, kernel)
 
 
-def _resolve(block_sizes, m: int, n: int, k: int, dtype, kernel: str) -> DenseMosaicGpuBlockSizes:
+def _resolve(block_sizes, m: int, n: int, k: int, dtype, kernel: str,
+             activation: str | None = None) -> DenseMosaicGpuBlockSizes:
     if block_sizes is None:
-        bs = DenseMosaicGpuBlockSizes.default(m, n, k, dtype, kernel)
+        bs = DenseMosaicGpuBlockSizes.default(m, n, k, dtype, kernel, activation)
     elif isinstance(block_sizes, DenseMosaicGpuBlockSizes):
         bs = block_sizes
     else:
@@ -175,6 +187,12 @@ def _resolve(block_sizes, m: int, n: int, k: int, dtype, kernel: str) -> DenseMo
             f"the Mosaic GPU dense kernels take DenseMosaicGpuBlockSizes tiles, not {type(block_sizes).__name__}"
         )
     bs.check_kernel(kernel)
+    rows, cols, _ = bs.tiles(kernel)
+    if kernel == "fwd" and saves_preactivation(activation) and rows * cols // 256 > MAX_GELU_ACC_REGISTERS:
+        raise ValueError(
+            f"{type(bs).__name__}: the {activation} forward's tile {rows}x{cols} needs {rows * cols // 256} "
+            f"accumulator registers a thread, more than the {MAX_GELU_ACC_REGISTERS} its epilogue leaves room for"
+        )
     return bs
 
 
@@ -221,8 +239,12 @@ def _matmul_kernel(
 
     lhs tiles are [rows, step] ([step, rows] read transposed if ``lhs_t``); rhs tiles are
     [step, cols] ([cols, step] read transposed if ``rhs_t``). Grid: one CTA per SM.
+    ``epilogue`` maps the f32 tile to one value per output ref (the forward with
+    gelu's residual has two: a and z).
     """
-    b_gmem, out_gmem = refs if has_bias else (None, *refs)
+    refs = list(refs)
+    b_gmem = refs.pop(0) if has_bias else None
+    out_gmems = refs  # one shape and dtype
     wg_cols = cols // COMPUTE_WGS
     lhs_block = (step, rows) if lhs_t else (rows, step)
     rhs_block = (cols, step) if rhs_t else (step, cols)
@@ -250,7 +272,7 @@ def _matmul_kernel(
     scratch = dict(
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(lhs_gmem, rhs_gmem),
         # Epilogue tiles, two slots per warpgroup: one is stored while the next fills.
-        out_smem=plgpu.SMEM((COMPUTE_WGS, 2, EPI_TILE, EPI_TILE), out_gmem.dtype,
+        out_smem=plgpu.SMEM((COMPUTE_WGS, 2, EPI_TILE, EPI_TILE), out_gmems[0].dtype,
                             transforms=_smem_transforms()),
     )
     if has_bias:
@@ -280,18 +302,20 @@ def _matmul_kernel(
                     if has_bias:
                         plgpu.barrier_wait(b_barrier.at[wg])
                         b = b_smem[wg]
-                    out = epilogue(acc_ref[...], b).astype(out_gmem.dtype)
+                    outs = [o.astype(out_gmems[0].dtype) for o in epilogue(acc_ref[...], b)]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's stores read out_smem
-                    out_tile = out_gmem.at[row_ds, col_ds].at[:, wg_ds]
+                    out_tiles = [o.at[row_ds, col_ds].at[:, wg_ds] for o in out_gmems]
                     n_epi = wg_cols // EPI_TILE
-                    for ei in range(rows // EPI_TILE):
-                        for ej in range(n_epi):
-                            slot = (ei * n_epi + ej) % 2
-                            epi = (pl.ds(ei * EPI_TILE, EPI_TILE), pl.ds(ej * EPI_TILE, EPI_TILE))
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = out[epi]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_tile.at[epi])
+                    # Several outputs take turns in the same two slots: no extra SMEM.
+                    stores = [(ei, ej, o) for ei in range(rows // EPI_TILE) for ej in range(n_epi)
+                              for o in range(len(outs))]
+                    for slot_count, (ei, ej, o) in enumerate(stores):
+                        slot = slot_count % 2
+                        epi = (pl.ds(ei * EPI_TILE, EPI_TILE), pl.ds(ej * EPI_TILE, EPI_TILE))
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        out_smem[wg, slot] = outs[o][epi]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_tiles[o].at[epi])
 
             def mma_body(_, lhs_smem, rhs_smem, acc_ref):
                 lhs = lhs_smem.T if lhs_t else lhs_smem
@@ -307,7 +331,7 @@ def _matmul_kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store issued before exit
 
 
-def _launch(kernel, lhs, rhs, *b, out_shape, lhs_t, rhs_t, bs, epilogue, name, interpret):
+def _launch(kernel, lhs, rhs, *b, out_shape, lhs_t, rhs_t, bs, epilogue, name, interpret, num_outputs=1):
     out_rows, out_cols = out_shape
     rows, cols, step = bs.tiles(kernel)
     reduce_len = lhs.shape[0] if lhs_t else lhs.shape[1]
@@ -316,9 +340,10 @@ def _launch(kernel, lhs, rhs, *b, out_shape, lhs_t, rhs_t, bs, epilogue, name, i
         _matmul_kernel, lhs_t=lhs_t, rhs_t=rhs_t, rows=rows, cols=cols, step=step, out_rows=out_rows,
         out_cols=out_cols, reduce_len=reduce_len, bs=bs, epilogue=epilogue, has_bias=bool(b),
     )
+    out = _common.out_struct(out_shape, lhs.dtype)
     return plgpu.kernel(
         body,
-        out_type=_common.out_struct(out_shape, lhs.dtype),
+        out_type=(out,) * num_outputs if num_outputs > 1 else out,
         grid=(min(n_tiles, NUM_SMS),),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
@@ -332,31 +357,38 @@ def _launch(kernel, lhs, rhs, *b, out_shape, lhs_t, rhs_t, bs, epilogue, name, i
 # --- launchers ----------------------------------------------------------------------------
 
 
-def fwd(x, w, *b, activation, block_sizes, interpret):
+def fwd(x, w, *b, activation, block_sizes, interpret, write_z=False):
+    """a, or (a, z) with ``write_z`` (the pre-activation, gelu's residual)."""
+    if activation == "gelu_exact":
+        raise NotImplementedError(
+            "the Mosaic GPU dense forward does not take activation='gelu_exact': Mosaic GPU's warpgroup "
+            "lowering has no layout inference rule for math.erf (jax 0.11.2)"
+        )
     _check_supported(x, w, *b, interpret=interpret)
     (m, k), n = x.shape, w.shape[1]
-    bs = _resolve(block_sizes, m, n, k, x.dtype, "fwd")
+    bs = _resolve(block_sizes, m, n, k, x.dtype, "fwd", activation)
 
-    def epilogue(z, b_tile):  # z = x W (+ b) in f32; a = act(z), cast at the store
+    def epilogue(z, b_tile):  # z = x W (+ b) in f32; a = act(z) (and z), cast at the store
         if b_tile is not None:
             z = z + lax.broadcast_in_dim(b_tile.astype(jnp.float32), z.shape, [1])
-        return activate(z, activation)
+        return (activate(z, activation), z) if write_z else (activate(z, activation),)
 
     return _launch("fwd", x, w, *b, out_shape=(m, n), lhs_t=False, rhs_t=False, bs=bs, epilogue=epilogue,
-                   name="fusedvjp_dense_fwd_mgpu", interpret=interpret)
+                   name="fusedvjp_dense_fwd_mgpu", interpret=interpret, num_outputs=2 if write_z else 1)
 
 
-def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
-    _check_supported(x, w, g, *a, interpret=interpret)
+def bwd(x, w, g, *r, activation, has_bias, block_sizes, interpret):
+    """``r``: the residual (a for tanh, z for gelu), absent without an activation."""
+    _check_supported(x, w, g, *r, interpret=interpret)
     (m, k), n = x.shape, w.shape[1]
     dx_bs = _resolve(getattr(block_sizes, "dx", block_sizes), m, n, k, x.dtype, "dx")
     dw_bs = _resolve(getattr(block_sizes, "dw", block_sizes), m, n, k, x.dtype, "dw")
     # The dz pass (see the module docstring): one XLA fusion, dz rounded to bf16 for the
     # tensor cores as XLA's bf16 autodiff rounds it; db sums the f32 dz.
-    dz32 = dz_of(g, a[0] if a else None)
+    dz32 = dz_of(g, r[0] if r else None, activation)
     dz = dz32.astype(g.dtype)
     db = jnp.sum(dz32, axis=0).astype(w.dtype) if has_bias else None
-    plain = lambda acc, _: acc
+    plain = lambda acc, _: (acc,)
     dx = _launch("dx", dz, w, out_shape=(m, k), lhs_t=False, rhs_t=True, bs=dx_bs, epilogue=plain,
                  name="fusedvjp_dense_bwd_dx_mgpu", interpret=interpret)
     dw = _launch("dw", x, dz, out_shape=(k, n), lhs_t=True, rhs_t=False, bs=dw_bs, epilogue=plain,

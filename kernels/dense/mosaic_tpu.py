@@ -7,8 +7,9 @@ the *reduction* axis the tail of both operands is set to 0 with jnp.where before
 dot or sum (0 * NaN would still be NaN). Along the other axes garbage only reaches
 output rows/columns past the edge, whose writes are dropped.
 
-The backward recomputes ``dz = g (1 - a^2)`` from the ``g`` and ``a`` tiles in the
-prologue of both kernels: the VPU work hides under the MXU's, and no dz pass is needed.
+The backward recomputes ``dz = g act'(z)`` from the ``g`` and residual tiles (``a``
+for tanh, ``z`` for gelu) in the prologue of both kernels: the VPU/EUP work (a tanh or
+erf and a few multiplies an element) hides under the MXU's, and no dz pass is needed.
 """
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ def _zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
 
 
-def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, k_size):
+def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, write_z, k_size):
     """Grid (M/block_m, N/block_n, K/block_k), K last and "arbitrary".
 
-    Tiles: x [block_m, block_k], w [block_k, block_n], b [1, block_n], a [block_m, block_n].
+    Tiles: x [block_m, block_k], w [block_k, block_n], b [1, block_n], a (and z) [block_m, block_n].
     """
-    b_ref, a_ref, acc_ref = refs if has_bias else (None, *refs)
+    refs = list(refs)
+    b_ref = refs.pop(0) if has_bias else None
+    a_ref = refs.pop(0)
+    z_ref = refs.pop(0) if write_z else None
+    acc_ref = refs.pop(0)
     kb = pl.program_id(2)
     block_k = x_ref.shape[1]
 
@@ -103,14 +108,16 @@ def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, k_size):
         if has_bias:
             z = z + b_ref[...].astype(jnp.float32)
         a_ref[...] = activate(z, activation).astype(a_ref.dtype)
+        if write_z:
+            z_ref[...] = z.astype(z_ref.dtype)
 
 
-def _dx_kernel(g_ref, *refs, has_act, n_size):
+def _dx_kernel(g_ref, *refs, activation, n_size):
     """Grid (M/block_m, K/block_k, N/block_n), N last and "arbitrary".
 
-    Tiles: g, a [block_m, block_n], w [block_k, block_n], dx [block_m, block_k].
+    Tiles: g, residual [block_m, block_n], w [block_k, block_n], dx [block_m, block_k].
     """
-    a_ref, w_ref, dx_ref, acc_ref = refs if has_act else (None, *refs)
+    r_ref, w_ref, dx_ref, acc_ref = refs if activation is not None else (None, *refs)
     nb = pl.program_id(2)
     block_n = g_ref.shape[1]
 
@@ -118,7 +125,7 @@ def _dx_kernel(g_ref, *refs, has_act, n_size):
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    dz = dz_of(g_ref[...], a_ref[...] if has_act else None)
+    dz = dz_of(g_ref[...], None if r_ref is None else r_ref[...], activation)
     dz = _zero_outside(dz, _tail_mask(block_n, n_size, 1, g_ref.shape, nb)).astype(w_ref.dtype)
     w = _zero_outside(w_ref[...], _tail_mask(block_n, n_size, 1, w_ref.shape, nb))
     acc_ref[...] += lax.dot_general(
@@ -130,13 +137,13 @@ def _dx_kernel(g_ref, *refs, has_act, n_size):
         dx_ref[...] = acc_ref[...].astype(dx_ref.dtype)
 
 
-def _dw_kernel(x_ref, g_ref, *refs, has_act, has_bias, m_size):
+def _dw_kernel(x_ref, g_ref, *refs, activation, has_bias, m_size):
     """Grid (N/block_n, K/block_k, M/block_m), M last; K "arbitrary" too (db stays resident).
 
-    Tiles: x [block_m, block_k], g, a [block_m, block_n], dw [block_k, block_n], db [1, block_n].
+    Tiles: x [block_m, block_k], g, residual [block_m, block_n], dw [block_k, block_n], db [1, block_n].
     """
     refs = list(refs)
-    a_ref = refs.pop(0) if has_act else None
+    r_ref = refs.pop(0) if activation is not None else None
     dw_ref = refs.pop(0)
     db_ref = refs.pop(0) if has_bias else None
     dw_acc_ref = refs.pop(0)
@@ -149,7 +156,7 @@ def _dw_kernel(x_ref, g_ref, *refs, has_act, has_bias, m_size):
     def _():
         dw_acc_ref[...] = jnp.zeros_like(dw_acc_ref)
 
-    dz = dz_of(g_ref[...], a_ref[...] if has_act else None)
+    dz = dz_of(g_ref[...], None if r_ref is None else r_ref[...], activation)
     dz = _zero_outside(dz, _tail_mask(block_m, m_size, 0, g_ref.shape, mb))  # f32 [block_m, block_n]
     x = _zero_outside(x_ref[...], _tail_mask(block_m, m_size, 0, x_ref.shape, mb))
     dw_acc_ref[...] += lax.dot_general(
@@ -178,7 +185,8 @@ def _dw_kernel(x_ref, g_ref, *refs, has_act, has_bias, m_size):
                 db_ref[...] = db_acc_ref[...].astype(db_ref.dtype)
 
 
-def fwd(x, w, *b, activation, block_sizes, interpret):
+def fwd(x, w, *b, activation, block_sizes, interpret, write_z=False):
+    """a, or (a, z) with ``write_z`` (the pre-activation, gelu's residual)."""
     m, k = x.shape
     n = w.shape[1]
     bs = forward_block_sizes(block_sizes, m, n, k, x.dtype, "mosaic_tpu")
@@ -191,12 +199,13 @@ def fwd(x, w, *b, activation, block_sizes, interpret):
     if b:
         in_specs.append(pl.BlockSpec((1, bn), lambda i, j, kb: (0, j)))
         b = (b[0].reshape(1, n),)  # TPU blocks are at least 2-D
+    out, out_spec = _common.out_struct((m, n), x.dtype), pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, has_bias=bool(b), activation=activation, k_size=k),
-        out_shape=_common.out_struct((m, n), x.dtype),
+        functools.partial(_fwd_kernel, has_bias=bool(b), activation=activation, write_z=write_z, k_size=k),
+        out_shape=(out, out) if write_z else out,
         grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j)),
+        out_specs=(out_spec, out_spec) if write_z else out_spec,
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_common.tpu_interpret(interpret),
@@ -204,19 +213,20 @@ def fwd(x, w, *b, activation, block_sizes, interpret):
     )(x, w, *b)
 
 
-def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
+def bwd(x, w, g, *r, activation, has_bias, block_sizes, interpret):
+    """``r``: the residual (a for tanh, z for gelu), absent without an activation."""
     m, k = x.shape
     n = w.shape[1]
     bwd_bs = backward_block_sizes(block_sizes, m, n, k, x.dtype, "mosaic_tpu")
     for bs in (bwd_bs.dx, bwd_bs.dw):
         check_block_sizes(bs, m, n, k)
-    has_act = bool(a)
+    has_act = activation is not None
 
     bm, bn, bk = bwd_bs.dx.block_m, bwd_bs.dx.block_n, bwd_bs.dx.block_k
 
     gz_spec = pl.BlockSpec((bm, bn), lambda i, kb, nb: (i, nb))
     dx = pl.pallas_call(
-        functools.partial(_dx_kernel, has_act=has_act, n_size=n),
+        functools.partial(_dx_kernel, activation=activation, n_size=n),
         out_shape=_common.out_struct((m, k), x.dtype),
         grid=(pl.cdiv(m, bm), pl.cdiv(k, bk), pl.cdiv(n, bn)),
         in_specs=[gz_spec] * (1 + has_act) + [pl.BlockSpec((bk, bn), lambda i, kb, nb: (kb, nb))],
@@ -225,7 +235,7 @@ def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_dense_bwd_dx",
-    )(g, *a, w)
+    )(g, *r, w)
 
     bm, bn, bk = bwd_bs.dw.block_m, bwd_bs.dw.block_n, bwd_bs.dw.block_k
     gz_spec = pl.BlockSpec((bm, bn), lambda j, kb, mb: (mb, j))
@@ -239,7 +249,7 @@ def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         out_specs.append(pl.BlockSpec((1, bn), lambda j, kb, mb: (0, j)))
         scratch.append(pltpu.VMEM((1, bn), jnp.float32))
     dw, *db = pl.pallas_call(
-        functools.partial(_dw_kernel, has_act=has_act, has_bias=has_bias, m_size=m),
+        functools.partial(_dw_kernel, activation=activation, has_bias=has_bias, m_size=m),
         out_shape=out_shape,
         grid=(pl.cdiv(n, bn), pl.cdiv(k, bk), pl.cdiv(m, bm)),
         in_specs=[pl.BlockSpec((bm, bk), lambda j, kb, mb: (mb, kb))] + [gz_spec] * (1 + has_act),
@@ -248,5 +258,5 @@ def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", k_semantics, "arbitrary")),
         interpret=_common.tpu_interpret(interpret),
         name="fusedvjp_dense_bwd_dw",
-    )(x, g, *a)
+    )(x, g, *r)
     return dx, dw, (db[0].reshape(n) if has_bias else None)

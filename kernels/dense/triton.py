@@ -11,10 +11,15 @@ once share a few row blocks of the first operand and sweep the column blocks of 
 second, so a wave re-reads its operands from L2 instead of HBM. Row-fastest order would
 stream the whole second operand once per wave.
 
-The backward's ``dz = g (1 - a^2)``: either a pass writes it once (in the operand dtype,
-with ``db``'s column sums), and the ``dx`` and ``dW`` kernels are plain matmuls of it, or
-each of those kernels recomputes it in its prologue from the ``g`` and ``a`` tiles it
-loads. :func:`use_dz_pass` chooses by the bytes each moves.
+The backward's ``dz = g act'(z)`` (``g (1 - a^2)`` for tanh; from the residual ``z``
+for gelu): either a pass writes it once (in the operand dtype, with ``db``'s column
+sums), and the ``dx`` and ``dW`` kernels are plain matmuls of it, or each of those
+kernels recomputes it in its prologue from the ``g`` and residual tiles it loads.
+:func:`use_dz_pass` chooses by the bytes each moves.
+
+``"gelu_exact"`` is refused (``NotImplementedError``): the Pallas Triton lowering of jax
+0.11.2 has no rule for ``lax.erf`` (nor ``erfc``), so ``impl="auto"`` falls back to
+another backend or jnp.
 """
 
 from __future__ import annotations
@@ -126,16 +131,18 @@ def check_block_sizes(bs: DenseBlockSizes, dtype, kernel: str, prologue: bool = 
 def use_dz_pass(m: int, n: int, k: int, bwd: DenseBackwardBlockSizes, has_act: bool, has_bias: bool) -> bool:
     """Whether a pass writes dz (and db) once, or the dx and dW kernels recompute it.
 
-    With tanh, counting bytes of [M, N] tiles read by all programs (s bytes an element;
-    the dx kernel has P = cdiv(K, block_k) programs per row block, the dW kernel P' per
-    column block, each reading the whole [M, N] slab once across the grid):
-      recompute: g and a read by every program:         2 M N s (P + P')
-      pass:      read g, a, write dz once, then dz read: 3 M N s + M N s (P + P')
+    With an activation, counting bytes of [M, N] tiles read by all programs (s bytes an
+    element; the dx kernel has P = cdiv(K, block_k) programs per row block, the dW
+    kernel P' per column block, each reading the whole [M, N] slab once across the
+    grid; r the residual, a for tanh and z for gelu):
+      recompute: g and r read by every program:         2 M N s (P + P')
+      pass:      read g, r, write dz once, then dz read: 3 M N s + M N s (P + P')
     The pass wins when P + P' > 3 -- every shape with K above three tiles; the
-    recompute also costs 3 flops an element per program, which the pass does once.
-    Without tanh dz is g; with a bias, db is then a column sum of g: the dW kernel's
-    P' programs of a column block would each sum it (one stores), so a pass that
-    reads g once (M N s bytes) replaces P' - 1 redundant sums when P' > 1.
+    recompute also costs act' per element per program (3 flops for tanh, a tanh and
+    ~12 flops for gelu), which the pass does once. Without an activation dz is g;
+    with a bias, db is then a column sum of g: the dW kernel's P' programs of a column
+    block would each sum it (one stores), so a pass that reads g once (M N s bytes)
+    replaces P' - 1 redundant sums when P' > 1.
     """
     p_dx, p_dw = pl.cdiv(k, bwd.dx.block_k), pl.cdiv(k, bwd.dw.block_k)
     if has_act:
@@ -167,12 +174,14 @@ def _store(ref, rows, cols, value: jax.Array) -> None:
     plgpu.store(ref.at[row_ds, col_ds], value.astype(ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, block_m, block_n, block_k):
-    """Output tiles [block_m, block_n] of a; loops over K in block_k steps.
-
-    Tiles: x [block_m, block_k], w [block_k, block_n], b [block_n].
+def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, write_z, block_m, block_n, block_k):
+    """Output tiles [block_m, block_n] of a (and of z with ``write_z``); loops over K in
+    block_k steps. Tiles: x [block_m, block_k], w [block_k, block_n], b [block_n].
     """
-    b_ref, a_ref = refs if has_bias else (None, *refs)
+    refs = list(refs)
+    b_ref = refs.pop(0) if has_bias else None
+    a_ref = refs.pop(0)
+    z_ref = refs.pop(0) if write_z else None
     (m, k), n = x_ref.shape, w_ref.shape[1]
     i, j = _common.grouped_program(pl.cdiv(m, block_m), pl.cdiv(n, block_n))
     rows, cols = _span(i, block_m, m), _span(j, block_n, n)
@@ -188,19 +197,22 @@ def _fwd_kernel(x_ref, w_ref, *refs, has_bias, activation, block_m, block_n, blo
         col_ds, col_ok = cols
         z = z + plgpu.load(b_ref.at[col_ds], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
     _store(a_ref, rows, cols, activate(z, activation))
+    if write_z:
+        _store(z_ref, rows, cols, z)
 
 
-def _dz_pass_kernel(g_ref, *refs, has_act, has_bias, block_m, block_n):
-    """Tiles [block_m, block_n]: dz = g (1 - a^2) stored in g's dtype (with tanh), and
-    the tile's column sums of the f32 dz into row i of the db partials (with a bias)."""
+def _dz_pass_kernel(g_ref, *refs, activation, has_bias, block_m, block_n):
+    """Tiles [block_m, block_n]: dz = g act'(z) stored in g's dtype (with an activation),
+    and the tile's column sums of the f32 dz into row i of the db partials (with a bias)."""
     refs = list(refs)
-    a_ref = refs.pop(0) if has_act else None
+    has_act = activation is not None
+    r_ref = refs.pop(0) if has_act else None
     dz_ref = refs.pop(0) if has_act else None
     db_ref = refs.pop(0) if has_bias else None
     m, n = g_ref.shape
     i, j = pl.program_id(0), pl.program_id(1)
     rows, cols = _span(i, block_m, m), _span(j, block_n, n)
-    dz = dz_of(_load(g_ref, rows, cols), _load(a_ref, rows, cols) if has_act else None)  # 0 outside
+    dz = dz_of(_load(g_ref, rows, cols), _load(r_ref, rows, cols) if has_act else None, activation)  # 0 outside
     if has_act:
         _store(dz_ref, rows, cols, dz)
     if has_bias:
@@ -208,13 +220,14 @@ def _dz_pass_kernel(g_ref, *refs, has_act, has_bias, block_m, block_n):
         plgpu.store(db_ref.at[i, col_ds], jnp.sum(dz, axis=0), mask=col_ok)
 
 
-def _dx_kernel(g_ref, *refs, has_act, block_m, block_n, block_k):
+def _dx_kernel(g_ref, *refs, activation, block_m, block_n, block_k):
     """Output tiles [block_m, block_k] of dx = dz W^T; loops over N in block_n steps.
 
-    ``g_ref`` holds dz (has_act False) or g, with ``a`` next (dz recomputed per tile).
-    Tiles: dz / g, a [block_m, block_n], w [block_k, block_n].
+    ``g_ref`` holds dz (activation None) or g, with the residual next (dz recomputed per
+    tile). Tiles: dz / g, residual [block_m, block_n], w [block_k, block_n].
     """
-    a_ref, w_ref, dx_ref = refs if has_act else (None, *refs)
+    has_act = activation is not None
+    r_ref, w_ref, dx_ref = refs if has_act else (None, *refs)
     (m, n), k = g_ref.shape, w_ref.shape[0]
     i, kb = _common.grouped_program(pl.cdiv(m, block_m), pl.cdiv(k, block_k))
     rows, ks = _span(i, block_m, m), _span(kb, block_k, k)
@@ -224,7 +237,7 @@ def _dx_kernel(g_ref, *refs, has_act, block_m, block_n, block_k):
         cols = _span(nb, block_n, n)
         dz = _load(g_ref, rows, cols)
         if has_act:
-            dz = dz_of(dz, _load(a_ref, rows, cols)).astype(w_ref.dtype)  # 0 outside the array, as g is
+            dz = dz_of(dz, _load(r_ref, rows, cols), activation).astype(w_ref.dtype)  # 0 outside, as g is
         w = _load(w_ref, ks, cols)
         return acc + lax.dot_general(dz, w, CONTRACT_LAST, precision=precision, preferred_element_type=jnp.float32)
 
@@ -232,15 +245,16 @@ def _dx_kernel(g_ref, *refs, has_act, block_m, block_n, block_k):
     _store(dx_ref, rows, ks, dx)
 
 
-def _dw_kernel(x_ref, g_ref, *refs, has_act, has_db, block_m, block_n, block_k):
+def _dw_kernel(x_ref, g_ref, *refs, activation, has_db, block_m, block_n, block_k):
     """Output tiles [block_k, block_n] of dW = x^T dz; loops over M in block_m steps.
 
-    ``g_ref`` holds dz, or g with ``a`` next (dz recomputed per tile). ``has_db``: this
-    kernel also sums db -- only on the recompute path, where the dz pass is not run.
-    Tiles: x [block_m, block_k], dz / g, a [block_m, block_n], dw [block_k, block_n], db [block_n].
+    ``g_ref`` holds dz, or g with the residual next (dz recomputed per tile). ``has_db``:
+    this kernel also sums db -- only on the recompute path, where the dz pass is not run.
+    Tiles: x [block_m, block_k], dz / g, residual [block_m, block_n], dw [block_k, block_n], db [block_n].
     """
     refs = list(refs)
-    a_ref = refs.pop(0) if has_act else None
+    has_act = activation is not None
+    r_ref = refs.pop(0) if has_act else None
     dw_ref = refs.pop(0)
     db_ref = refs.pop(0) if has_db else None
     (m, k), n = x_ref.shape, g_ref.shape[1]
@@ -253,7 +267,7 @@ def _dw_kernel(x_ref, g_ref, *refs, has_act, has_db, block_m, block_n, block_k):
         rows = _span(mb, block_m, m)
         dz = _load(g_ref, rows, cols)
         if has_act:
-            dz = dz_of(dz, _load(a_ref, rows, cols))  # f32, 0 outside the array
+            dz = dz_of(dz, _load(r_ref, rows, cols), activation)  # f32, 0 outside the array
         x = _load(x_ref, rows, ks)
         dw = dw + lax.dot_general(
             x, dz.astype(x.dtype), CONTRACT_FIRST, precision=precision, preferred_element_type=jnp.float32
@@ -281,18 +295,29 @@ def _grid(rows: int, row_block: int, cols: int, col_block: int) -> tuple[int]:
     return (pl.cdiv(rows, row_block) * pl.cdiv(cols, col_block),)
 
 
-def fwd(x, w, *b, activation, block_sizes, interpret):
+def _refuse_unlowerable(activation) -> None:
+    if activation == "gelu_exact":
+        raise NotImplementedError(
+            "the Triton dense kernels do not take activation='gelu_exact': the Pallas Triton lowering "
+            "(jax 0.11.2) has no rule for lax.erf"
+        )
+
+
+def fwd(x, w, *b, activation, block_sizes, interpret, write_z=False):
+    """a, or (a, z) with ``write_z`` (the pre-activation, gelu's residual)."""
+    _refuse_unlowerable(activation)
     m, k = x.shape
     n = w.shape[1]
     bs = forward_block_sizes(block_sizes, m, n, k, x.dtype, "triton")
     check_block_sizes(bs, x.dtype, "fwd")
     kernel = functools.partial(
-        _fwd_kernel, has_bias=bool(b), activation=activation, block_m=bs.block_m, block_n=bs.block_n,
-        block_k=bs.block_k,
+        _fwd_kernel, has_bias=bool(b), activation=activation, write_z=write_z, block_m=bs.block_m,
+        block_n=bs.block_n, block_k=bs.block_k,
     )
+    out = _common.out_struct((m, n), x.dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=_common.out_struct((m, n), x.dtype),
+        out_shape=(out, out) if write_z else out,
         grid=_grid(m, bs.block_m, n, bs.block_n),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
@@ -300,10 +325,13 @@ def fwd(x, w, *b, activation, block_sizes, interpret):
     )(x, w, *b)
 
 
-def dz_pass(g, *a, has_bias, interpret):
-    """(dz in g's dtype, or None without ``a``; db [N] f32, or None without a bias)."""
+def dz_pass(g, *r, activation, has_bias, interpret):
+    """(dz in g's dtype, or None without an activation; db [N] f32, or None without a bias).
+
+    ``r``: the residual (a for tanh, z for gelu), absent without an activation.
+    """
     m, n = g.shape
-    has_act = bool(a)
+    has_act = activation is not None
     bm, bn = (max(MIN_BLOCK, min(c, _common.next_power_of_two(s))) for c, s in zip(DZ_PASS_BLOCK, (m, n)))
     out_shape = []
     if has_act:
@@ -311,13 +339,13 @@ def dz_pass(g, *a, has_bias, interpret):
     if has_bias:
         out_shape.append(_common.out_struct((pl.cdiv(m, bm), n), jnp.float32))
     outs = pl.pallas_call(
-        functools.partial(_dz_pass_kernel, has_act=has_act, has_bias=has_bias, block_m=bm, block_n=bn),
+        functools.partial(_dz_pass_kernel, activation=activation, has_bias=has_bias, block_m=bm, block_n=bn),
         out_shape=out_shape,
         grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
         compiler_params=_common.triton_params(DZ_PASS_WARPS, 1),
         interpret=interpret,
         name="fusedvjp_dense_bwd_dz",
-    )(g, *a)
+    )(g, *r)
     outs = list(outs)
     dz = outs.pop(0) if has_act else None
     # The partials' rows are summed in f32 by XLA: a [cdiv(M, 128), N] reduction.
@@ -325,23 +353,28 @@ def dz_pass(g, *a, has_bias, interpret):
     return dz, db
 
 
-def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
+def bwd(x, w, g, *r, activation, has_bias, block_sizes, interpret):
+    """``r``: the residual (a for tanh, z for gelu), absent without an activation."""
+    _refuse_unlowerable(activation)
     m, k = x.shape
     n = w.shape[1]
     bwd_bs = backward_block_sizes(block_sizes, m, n, k, x.dtype, "triton")
-    has_act = bool(a)
     db = None
-    if use_dz_pass(m, n, k, bwd_bs, has_act, has_bias):
-        dz, db = dz_pass(g, *a, has_bias=has_bias, interpret=interpret)
-        operands, has_act, has_db = ((g if dz is None else dz),), False, False
+    if use_dz_pass(m, n, k, bwd_bs, activation is not None, has_bias):
+        dz, db = dz_pass(g, *r, activation=activation, has_bias=has_bias, interpret=interpret)
+        # The matmul kernels read dz as if there were no activation.
+        operands, activation, has_db = ((g if dz is None else dz),), None, False
     else:
-        operands, has_db = (g, *a), has_bias
+        operands, has_db = (g, *r), has_bias
+    has_act = activation is not None
     check_block_sizes(bwd_bs.dx, x.dtype, "dx", prologue=has_act)
     check_block_sizes(bwd_bs.dw, x.dtype, "dw", prologue=has_act)
 
     bs = bwd_bs.dx
     dx = pl.pallas_call(
-        functools.partial(_dx_kernel, has_act=has_act, block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k),
+        functools.partial(
+            _dx_kernel, activation=activation, block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k
+        ),
         out_shape=_common.out_struct((m, k), x.dtype),
         grid=_grid(m, bs.block_m, k, bs.block_k),
         compiler_params=_common.triton_params(bs.num_warps, bs.num_stages),
@@ -354,7 +387,8 @@ def bwd(x, w, g, *a, has_bias, block_sizes, interpret):
         out_shape.append(_common.out_struct((n,), w.dtype))
     dw, *db_out = pl.pallas_call(
         functools.partial(
-            _dw_kernel, has_act=has_act, has_db=has_db, block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k
+            _dw_kernel, activation=activation, has_db=has_db, block_m=bs.block_m, block_n=bs.block_n,
+            block_k=bs.block_k,
         ),
         out_shape=out_shape,
         grid=_grid(k, bs.block_k, n, bs.block_n),
