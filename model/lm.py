@@ -69,7 +69,11 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, DTYPES[cfg.dtype]
         self.heads = cfg.heads
-        self.qkv = nn.Dense(d, 3 * d, dtype=dtype, kernel_init=_init(0.02), impl=cfg.impl, rngs=rngs)
+        # No q/k/v bias: the key's would have a zero gradient (a bias on k adds q·b, one
+        # constant per query row, which the softmax over keys cancels), and adamw would
+        # turn that gradient's roundoff into full-size steps.
+        self.qkv = nn.Dense(d, 3 * d, use_bias=False, dtype=dtype, kernel_init=_init(0.02), impl=cfg.impl,
+                            rngs=rngs)
         self.proj = nn.Dense(d, d, dtype=dtype, kernel_init=_init(0.02 / math.sqrt(2 * cfg.layers)),
                              impl=cfg.impl, rngs=rngs)
 
