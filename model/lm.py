@@ -69,17 +69,20 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         d, dtype = cfg.d_model, DTYPES[cfg.dtype]
         self.heads = cfg.heads
-        # No q/k/v bias: the key's would have a zero gradient (a bias on k adds q·b, one
-        # constant per query row, which the softmax over keys cancels), and adamw would
-        # turn that gradient's roundoff into full-size steps.
-        self.qkv = nn.Dense(d, 3 * d, use_bias=False, dtype=dtype, kernel_init=_init(0.02), impl=cfg.impl,
-                            rngs=rngs)
+        # GPT-2's q/k/v biases less the two that do nothing: a bias on k adds q·b, one
+        # constant per query row, which the softmax over keys cancels (its gradient is 0,
+        # and adamw would turn that gradient's roundoff into full-size steps); a bias on v
+        # adds b to every output row (the weights sum to 1), which proj's bias already does.
+        self.q = nn.Dense(d, d, dtype=dtype, kernel_init=_init(0.02), impl=cfg.impl, rngs=rngs)
+        self.kv = nn.Dense(d, 2 * d, use_bias=False, dtype=dtype, kernel_init=_init(0.02), impl=cfg.impl,
+                           rngs=rngs)
         self.proj = nn.Dense(d, d, dtype=dtype, kernel_init=_init(0.02 / math.sqrt(2 * cfg.layers)),
                              impl=cfg.impl, rngs=rngs)
 
     def __call__(self, x):  # [B, T, D]
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.heads, d // self.heads), 3, axis=2)
+        q = self.q(x).reshape(b, t, self.heads, d // self.heads)
+        k, v = jnp.split(self.kv(x).reshape(b, t, 2 * self.heads, d // self.heads), 2, axis=2)
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d // self.heads)
         causal = jnp.tril(jnp.ones((t, t), bool))
         p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
@@ -337,15 +340,15 @@ def plot_curves(metrics: dict, path: pathlib.Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fusedvjp.model.lm", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--activation", choices=("gelu", "tanh"), default="gelu", help="the MLP's, fused into its first Dense")
     p.add_argument("--untied", action="store_true", help="a separate LM-head kernel (default: tied to the embedding)")
-    p.add_argument("--lr", type=float, default=2e-3, help="adamw's peak learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="adamw's peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--seed", type=int, default=0, help="init, batches and sampling")
     p.add_argument("--impl", choices=IMPLS, default="auto")
@@ -355,7 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "multiple of the device count")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8, help="validation windows: this many batches")
-    p.add_argument("--sample-bytes", type=int, default=300, help="bytes to generate into sample.txt (0: none)")
+    p.add_argument("--sample-bytes", type=int, default=200, help="bytes to generate into sample.txt (0: none)")
     p.add_argument("--no-memory-report", action="store_true", help="skip the LM-head memory table")
     p.add_argument("--corpus", metavar="DIR", default=None,
                    help="train on the .py/.rst/.txt files under DIR instead of the standard library")

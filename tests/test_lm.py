@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tol
 from fusedvjp.model import lm, lm_data
 
 # Built on another branch; the lead removes the guard when dense's gelu is merged.
@@ -107,6 +107,15 @@ def test_pallas_follows_jnp(small_corpus_dir):
     corpus = lm_data.load(small_corpus_dir)
     runs = {impl: _run(impl, 3, corpus, ["--activation", "tanh", "--untied"]) for impl in ("jnp", "pallas")}
     _assert_same_run(runs["pallas"], runs["jnp"], rtol=1e-5)
+
+
+def test_bf16_follows_xla(small_corpus_dir):
+    """--dtype bf16 (bf16 activations, f32 parameters): 3 steps of jnp within bf16's
+    tolerance of xla's losses (both round the same matmuls to bf16, in different places)."""
+    corpus = lm_data.load(small_corpus_dir)
+    runs = {impl: _run(impl, 3, corpus, ["--activation", "tanh", "--dtype", "bf16"]) for impl in ("jnp", "xla")}
+    np.testing.assert_allclose(runs["jnp"]["step_losses"], runs["xla"]["step_losses"], **tol(jnp.bfloat16))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(lm.nnx.state(runs["jnp"]["model"])))
 
 
 def test_tied_head_has_no_kernel_and_shares_the_embedding(small_corpus_dir):
