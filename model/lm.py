@@ -346,7 +346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--activation", choices=("gelu", "tanh"), default="gelu", help="the MLP's, fused into its first Dense")
+    p.add_argument("--activation", choices=("gelu", "tanh"), default="gelu",
+                   help="the MLP's, fused into its first Dense")
     p.add_argument("--untied", action="store_true", help="a separate LM-head kernel (default: tied to the embedding)")
     p.add_argument("--lr", type=float, default=3e-3, help="adamw's peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
@@ -406,7 +407,8 @@ def main(argv=None) -> dict:
         print("sample:\n" + metrics["sample"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curves(metrics, out / "curves.png")
-    print(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}" + (f", {out / 'sample.txt'}" if args.sample_bytes else ""))
+    written = ["metrics.json", "curves.png"] + (["sample.txt"] if args.sample_bytes else [])
+    print("wrote " + ", ".join(str(out / name) for name in written))
     return metrics
 
 
