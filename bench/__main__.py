@@ -4,7 +4,7 @@ Times every (op, shape, dtype, mode) for each impl under ``jax.jit`` and prints 
 whose first column is the speedup over ``impl="xla"`` (XLA's autodiff of the plain-jnp
 reference). With ``--out DIR`` it writes results.json, results.md and roofline.png.
 ``--table DIR/results.json`` prints the table of an earlier run.
-``--static --target h100|h200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
+``--static --target h100|h200|a100|b200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
 this CPU machine and reports what the compiler decided (see :mod:`fusedvjp.bench.static`).
 """
 
