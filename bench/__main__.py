@@ -5,7 +5,7 @@ whose first column is the speedup over the baseline: the faster of the users' co
 (``user``: optax, Flax's LayerNorm, ``jnp.tanh(x @ w + b)``; :mod:`fusedvjp.bench.baselines`)
 and the op's reference (``xla``: XLA's autodiff of the plain-jnp reference). With ``--out DIR`` it writes results.json, results.md and roofline.png.
 ``--table DIR/results.json`` prints the table of an earlier run.
-``--static --target h100|h200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
+``--static --target h100|h200|a100|b200|v5e|v6e`` times nothing: it compiles for that GPU or TPU on
 this CPU machine and reports what the compiler decided (see :mod:`fusedvjp.bench.static`).
 """
 

@@ -1,6 +1,6 @@
-"""Compile for an H100/H200 or a TPU v5e/v6e on this CPU machine and read the compiler's answer.
+"""Compile for an H100/H200/A100/B200 or a TPU v5e/v6e on this CPU machine and read the compiler's answer.
 
-``python -m fusedvjp.bench --static --target h100|h200|v5e|v6e [--ops ...] [--shapes mnist,llm,odd]
+``python -m fusedvjp.bench --static --target h100|h200|a100|b200|v5e|v6e [--ops ...] [--shapes mnist,llm,odd]
 [--dtypes f32,bf16] [--out DIR]`` compiles the forward and backward of every registered op
 (``jax.vjp`` of the op applied to a cotangent, ``impl="pallas"``) and the MNIST training
 step, without a GPU or TPU: XLA compiles for a target it is only told about, all the way
@@ -15,7 +15,8 @@ How (jax 0.11.2, the ``aot`` extra: ``jax[cuda13]`` and ``jax[tpu]``; ``JAX_PLAT
   ``NamedSharding``, then ``.lower().compile()``. The per-compile debug options dump the
   PTX and the thunk sequence (each kernel's grid, threads and shared memory); ``ptxas -v``
   on the dumped PTX gives registers and spills; the PTX text says whether a dot uses the
-  tensor cores (``wgmma.mma_async`` on sm_90a, ``mma.sync`` for small tiles).
+  tensor cores (``wgmma.mma_async`` on sm_90a, ``tcgen05.mma`` on sm_100a, ``mma.sync`` on
+  sm_80 and for small tiles).
 * TPU: ``topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")`` (a 1x1
   topology is refused), a mesh of its first device, the same compile. Mosaic compile
   errors and VMEM overflows fail the compile; ``cost_analysis()`` gives XLA's bytes and
@@ -23,10 +24,12 @@ How (jax 0.11.2, the ``aot`` extra: ``jax[cuda13]`` and ``jax[tpu]``; ``JAX_PLAT
   ``pallas_call`` and Pallas's double-buffered VMEM estimate.
 
 The ops pick the kernel for the platform being lowered for (``kernels/_common.
-platform_dispatch``), so a CUDA target gets the Triton kernels and a TPU target the Mosaic
-ones. ``tests_aot/`` runs the same compiles in CI and fails on a compile error, a register
-spill (``xla_gpu_fail_ptx_compilation_on_register_spilling``) or a bf16 matmul kernel with
-no tensor-core instruction.
+platform_dispatch``), so a TPU target gets the Mosaic TPU kernels, a Hopper (H100, H200)
+the Mosaic GPU kernels where they serve the case and the Triton ones elsewhere, and any
+other GPU (A100, B200) the Triton kernels only. ``tests_aot/`` runs the same compiles in
+CI and fails on a compile error, a register spill
+(``xla_gpu_fail_ptx_compilation_on_register_spilling``) or a bf16 matmul kernel with no
+tensor-core instruction.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class Target:
       spec_file: CUDA: the ``GpuTargetConfigProto`` text file in ``gpu_targets/``.
       topology: TPU: the topology name given to ``get_topology_desc``.
       gpu: CUDA: the per-SM limits used for occupancy (from the spec file).
+      arch: CUDA: the ptxas architecture (``sm_90a``), from the spec's compute capability.
       vmem_scoped_bytes: TPU: the default scoped VMEM a kernel may use.
     """
 
@@ -101,14 +105,15 @@ class Target:
     topology: str | None = None
     gpu: Mapping[str, int] | None = None
     vmem_scoped_bytes: int | None = None
+    arch: str | None = None
 
 
 # XLA's target specs: key numbers of the rate tables are xla::PrimitiveType values.
 _XLA_F32, _XLA_BF16 = 11, 16
-# Not in the spec: CUDA compute capability 9.0 limits (CUDA C++ Programming Guide,
-# "Technical Specifications per Compute Capability"): 32 resident blocks per SM, registers
-# allocated per warp in units of 256, shared memory in units of 128 bytes with 1 KiB
-# reserved per block.
+# Not in the spec: CUDA compute capability 8.0, 9.0 and 10.0 limits, the same on the three
+# (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): 32
+# resident blocks per SM, registers allocated per warp in units of 256, shared memory in
+# units of 128 bytes with 1 KiB reserved per block.
 _MAX_BLOCKS_PER_SM = 32
 _REG_ALLOC_UNIT = 256
 _SMEM_ALLOC_UNIT = 128
@@ -117,10 +122,28 @@ _SMEM_RESERVED_PER_BLOCK = 1024
 _GPU_SPECS = {
     "h100": ("h100_sxm.txtpb", "NVIDIA H100 SXM 80GB HBM3"),
     "h200": ("h200.txtpb", "NVIDIA H200 SXM 141GB HBM3e"),
+    "a100": ("a100_sxm_80.txtpb", "NVIDIA A100 SXM4 80GB HBM2e"),
+    "b200": ("b200.txtpb", "NVIDIA B200 180GB HBM3e"),
 }
 _GPU_DATASHEET = {
     "h100": "NVIDIA H100 datasheet (SXM): 989 TFLOP/s dense BF16, 67 TFLOP/s FP32, 3.35 TB/s HBM3",
     "h200": "NVIDIA H200 datasheet (SXM): 989 TFLOP/s dense BF16, 67 TFLOP/s FP32, 4.8 TB/s HBM3e",
+    "a100": "NVIDIA A100 datasheet (SXM 80GB): 312 TFLOP/s dense BF16, 19.5 TFLOP/s FP32, 2.04 TB/s HBM2e",
+    "b200": "NVIDIA HGX B200 datasheet per GPU (1/8): 2.25 PFLOP/s dense BF16, 75 TFLOP/s FP32; HBM3e 8 TB/s "
+            "there, 7.67 TB/s in the spec (the spec's is used)",
+}
+# XLA's a100_sxm_80 spec has no rate tables: multiply-adds per SM per clock from NVIDIA's
+# A100 whitepaper (GA100 SM: 4 tensor cores x 256 dense bf16 FMA, 64 FP32 FMA units).
+_MACS_PER_CLOCK_NOT_IN_SPEC = {"a100": {"bf16": 1024, "f32": 64}}
+# What serves the GPU ops on a target that is not a Hopper (the report's notes).
+_KERNELS_NOTE = {
+    "a100": "every GPU kernel is Pallas Triton: the Mosaic GPU dense kernels are written for Hopper (TMA, wgmma) "
+            "and refuse any other device (kernels/_common.is_hopper); Triton lowers the bf16 dots to sm_80's "
+            "`mma.sync`.",
+    "b200": "every GPU kernel is Pallas Triton: the Mosaic GPU dense kernels use Hopper's wgmma, which sm_100 does "
+            "not have, and refuse any device but a Hopper (kernels/_common.is_hopper); the Triton of jax 0.11.2's "
+            "XLA lowers the bf16 dots to `tcgen05.mma` (Blackwell's tensor cores, accumulator in tensor memory), "
+            "those of the smallest odd shapes (one 16x16 tile: 1x1x1, 8x16x10, 1x3x5) to `mma.sync`.",
 }
 # TPU peaks: Google Cloud TPU documentation (cloud.google.com/tpu/docs/v5e and /v6e), per
 # chip. f32 at Precision.HIGHEST runs as six bf16 MXU passes, so its rate is taken as 1/6
@@ -152,25 +175,44 @@ def _spec_rate(text: str, table: str, key: int) -> float:
     return float(m.group(1)) * 1e9 * int(m.group(2)) * int(m.group(3))
 
 
+def _spec_arch(text: str) -> str:
+    """The ptxas architecture of a spec's ``cuda_compute_capability``: ``sm_90a`` for 9.0
+    with ACCELERATED_FEATURES (wgmma, setmaxnreg; ``sm_100a``: tcgen05), else ``sm_80``."""
+    m = re.search(r"cuda_compute_capability \{([^}]*)\}", text)
+    if not m:
+        raise ValueError("GPU target spec has no cuda_compute_capability")
+    field = lambda k: re.search(rf"\b{k}: (\w+)", m.group(1))  # noqa: E731
+    major, minor, ext = field("major"), field("minor"), field("feature_extension")
+    suffix = "a" if ext and ext.group(1) == "ACCELERATED_FEATURES" else ""
+    return f"sm_{major.group(1)}{minor.group(1) if minor else 0}{suffix}"
+
+
 def get_target(name: str) -> Target:
     """The :class:`Target` called ``name`` (one of :data:`TARGET_NAMES`)."""
     if name in _GPU_SPECS:
         file, device = _GPU_SPECS[name]
         text = (GPU_TARGETS_DIR / file).read_text()
-        sms = int(_spec_scalar(text, "core_count"))
-        # A tensor-core "op" in XLA's table is a multiply-add: 2 flops.
-        bf16 = 2 * sms * _spec_rate(text, "matrix_unit_description", _XLA_BF16)
-        f32 = 2 * sms * _spec_rate(text, "scalar_unit_description", _XLA_F32)
+        sms, clock = int(_spec_scalar(text, "core_count")), _spec_scalar(text, "clock_rate_ghz") * 1e9
         gpu = {k: int(_spec_scalar(text, k)) for k in ("core_count", "registers_per_core_limit",
                                                         "shared_memory_per_core", "threads_per_core_limit",
                                                         "shared_memory_per_block_optin", "threads_per_warp")}
-        # Tensor-core multiply-adds per SM per clock (the rate table's units x ops/clock).
-        gpu["bf16_macs_per_clock"] = round(_spec_rate(text, "matrix_unit_description", _XLA_BF16)
-                                           / (_spec_scalar(text, "clock_rate_ghz") * 1e9))
+        if name in _MACS_PER_CLOCK_NOT_IN_SPEC:
+            macs = _MACS_PER_CLOCK_NOT_IN_SPEC[name]
+            bf16, f32 = (2 * sms * macs[t] * clock for t in ("bf16", "f32"))
+            gpu["bf16_macs_per_clock"] = macs["bf16"]
+            source = (f"XLA's target spec gpu_targets/{file} (SMs, clock, bandwidth; it has no rate tables: "
+                      f"multiply-adds per SM per clock from NVIDIA's A100 whitepaper, bf16 {macs['bf16']}, "
+                      f"f32 {macs['f32']}, x {sms} SMs x {clock / 1e9:g} GHz); agrees with the ")
+        else:
+            # A tensor-core "op" in XLA's table is a multiply-add: 2 flops.
+            bf16 = 2 * sms * _spec_rate(text, "matrix_unit_description", _XLA_BF16)
+            f32 = 2 * sms * _spec_rate(text, "scalar_unit_description", _XLA_F32)
+            # Tensor-core multiply-adds per SM per clock (the rate table's units x ops/clock).
+            gpu["bf16_macs_per_clock"] = round(_spec_rate(text, "matrix_unit_description", _XLA_BF16) / clock)
+            source = f"XLA's target spec gpu_targets/{file} (rate tables x {sms} SMs); agrees with the "
         return Target(name, "cuda", device, _spec_scalar(text, "memory_bandwidth"), {"bf16": bf16, "f32": f32},
-                      int(_spec_scalar(text, "device_memory_size")),
-                      f"XLA's target spec gpu_targets/{file} (rate tables x {sms} SMs); agrees with the "
-                      + _GPU_DATASHEET[name], spec_file=file, gpu=gpu)
+                      int(_spec_scalar(text, "device_memory_size")), source + _GPU_DATASHEET[name],
+                      spec_file=file, gpu=gpu, arch=_spec_arch(text))
     if name in _TPUS:
         t = _TPUS[name]
         return Target(name, "tpu", t["device"], t["hbm"], {"bf16": t["bf16"], "f32": t["bf16"] / 6}, t["memory"],
@@ -388,7 +430,7 @@ _MGPU_LAUNCH = re.compile(r"gpu\.launch.*?in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %
                           r"(?:.*?dynamic_shared_memory_size %c(\d+))?")
 
 
-def mosaic_gpu_kernels(dump_dir: pathlib.Path) -> list[dict]:
+def mosaic_gpu_kernels(dump_dir: pathlib.Path, arch: str = "sm_90a") -> list[dict]:
     """The Mosaic GPU kernels of a compile (see ``_mosaic_gpu_dumps``): name, launch,
     registers and spills (``ptxas -v`` of the dumped PTX), wgmma and the wgmma loop."""
     where = dump_dir / "mosaic_gpu"
@@ -400,12 +442,11 @@ def mosaic_gpu_kernels(dump_dir: pathlib.Path) -> list[dict]:
         if launch is None:
             continue
         text = ptx.read_text(errors="replace")
-        info = next(iter(ptxas_info(ptx).values()), {})
+        info = next(iter(ptxas_info(ptx, arch).values()), {})
         out.append({"name": name, "grid": [int(launch.group(i)) for i in (1, 2, 3)],
                     "threads": math.prod(int(launch.group(i)) for i in (4, 5, 6)),
                     "dynamic_smem": int(launch.group(7) or 0), "ptx": {
-                        "wgmma": text.count("wgmma.mma_async"), "mma": len(re.findall(r"\bmma\.sync", text)),
-                        **tensor_core_loop(text)}, "ptxas": info})
+                        **tensor_core_counts(text), **tensor_core_loop(text)}, "ptxas": info})
     return out
 
 
@@ -549,7 +590,8 @@ def pallas_kernels(closed_jaxpr, platform: str) -> list[dict]:
 
 # --- reading the CUDA compile ---------------------------------------------------------------
 
-_THUNK = re.compile(r"^\d+: (\w+) \[[^\]]*\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
+# A launch inside a while loop's body (a chunked op) is indented under the loop's thunk.
+_THUNK = re.compile(r"^\s*\d+: (\w+) \[[^\]]*\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
                     r"\s+shared_memory: (\d+) bytes", re.M)
 _TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?backend_config=\{(.*?)\}\s*$', re.M)
 
@@ -632,25 +674,33 @@ def spilling_kernels(case: StaticCase, target_name: str, dump_dir: pathlib.Path)
     kernel's PTX is dumped) and asks ptxas about each.
     """
     compile_case(case, target_name, dump_dir=dump_dir, fail_on_spill=False)
+    arch = get_target(target_name).arch
     spilled = []
     for ptx in sorted(pathlib.Path(dump_dir).glob("*.ptx")):
-        for name, info in ptxas_info(ptx).items():
+        for name, info in ptxas_info(ptx, arch).items():
             if info.get("spill_store_bytes") or info.get("spill_load_bytes"):
                 spilled.append(f"{name}: {info.get('registers')} regs, {info.get('spill_store_bytes')} B spill "
                                f"stores, {info.get('spill_load_bytes')} B spill loads")
     return "; ".join(spilled) or "(ptxas here reports no spill)"
 
 
+def tensor_core_counts(ptx: str) -> dict[str, int]:
+    """Tensor-core instructions in PTX text, per generation: ``mma.sync`` (warp-level, sm_80
+    and up), ``wgmma.mma_async`` (warpgroup, sm_90a only), ``tcgen05.mma`` (one thread
+    issues it for the CTA, accumulator in tensor memory; sm_100a)."""
+    return {"wgmma": ptx.count("wgmma.mma_async"), "mma": len(re.findall(r"\bmma\.sync", ptx)),
+            "tcgen05": len(re.findall(r"\btcgen05\.mma\b", ptx))}
+
+
 def ptx_kernels(dump_dir: pathlib.Path) -> dict[str, dict]:
-    """entry name -> PTX file, tensor-core instruction counts (wgmma, mma), from the dumped PTX."""
+    """entry name -> PTX file, tensor-core instruction counts (wgmma, mma, tcgen05), from the dumped PTX."""
     out = {}
     for ptx in sorted(dump_dir.glob("*.ptx")):
         text = ptx.read_text(errors="replace")
         entries = list(re.finditer(r"\.entry (\w+)\(", text))
         for i, m in enumerate(entries):
             body = text[m.start(): entries[i + 1].start() if i + 1 < len(entries) else len(text)]
-            out[m.group(1)] = {"ptx_file": ptx, "wgmma": body.count("wgmma.mma_async"),
-                               "mma": len(re.findall(r"\bmma\.sync", body)), **tensor_core_loop(body)}
+            out[m.group(1)] = {"ptx_file": ptx, **tensor_core_counts(body), **tensor_core_loop(body)}
     return out
 
 
@@ -736,7 +786,7 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
     ptx = ptx_kernels(d)
     regs: dict[str, dict] = {}
     for f in sorted({k["ptx_file"] for k in ptx.values()}):
-        regs.update(ptxas_info(f))
+        regs.update(ptxas_info(f, target.arch))
     dots = {k["name"]: k["dots"] for k in result.pallas_kernels}
     launches = [dict(name=m.group(2), grid=[int(m.group(i)) for i in (3, 4, 5)],
                      threads=int(m.group(6)) * int(m.group(7)) * int(m.group(8)), dynamic_smem=int(m.group(9)))
@@ -745,7 +795,7 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
         launches = [dict(name=c["name"], grid=c["grid"], threads=32 * (c["num_warps"] or 0), dynamic_smem=None)
                     for c in calls]
     # Mosaic GPU kernels launch from a custom call, not a thunk XLA names: from their own dumps.
-    for k in mosaic_gpu_kernels(d):
+    for k in mosaic_gpu_kernels(d, target.arch):
         launches.append(dict(name=k["name"], grid=k["grid"], threads=k["threads"], dynamic_smem=k["dynamic_smem"]))
         pallas_names.add(k["name"])
         ptx[k["name"]] = k["ptx"]
@@ -753,11 +803,12 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
     out = []
     for launch in launches:
         name = launch["name"]
-        p, r, call = ptx.get(name, {}), regs.get(name, {}), call_of.get((name, tuple(launch["grid"])), {})
+        base = _kernel_base_name(name)
+        p, r, call = ptx.get(name, {}), regs.get(name, {}), call_of.get((base, tuple(launch["grid"])), {})
         smem = None if launch["dynamic_smem"] is None else launch["dynamic_smem"] + r.get("static_smem_bytes", 0)
         row = {
             "kernel": name,
-            "source": "pallas" if name in pallas_names else "xla",
+            "source": "pallas" if base in pallas_names else "xla",
             "grid": launch["grid"],
             "blocks": math.prod(launch["grid"]),
             "warps": launch["threads"] // 32,
@@ -769,9 +820,10 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
             "stack_bytes": r.get("stack_bytes"),
             "wgmma": p.get("wgmma"),
             "mma": p.get("mma"),
+            "tcgen05": p.get("tcgen05"),
             "loop_instructions": p.get("loop_instructions"),
             "loop_wgmma_macs": p.get("loop_wgmma_macs"),
-            "dots": dots.get(name, []),
+            "dots": dots.get(base, []),
         }
         row["issue_ratio"] = issue_ratio(row, target)
         if launch["threads"]:
@@ -782,19 +834,30 @@ def gpu_kernel_stats(result: Compiled) -> list[dict]:
     return out
 
 
+def _kernel_base_name(name: str) -> str:
+    """The kernel's own name: XLA names a second kernel of the same name (one Pallas kernel
+    launched with two shapes, e.g. a chunk loop's body and its last chunk) ``name__1``."""
+    return re.sub(r"__\d+$", "", name)
+
+
+def kernel_variants(kernels: Mapping[str, dict], name: str) -> list[dict]:
+    """The entries of ``kernels`` (by compiled name) that are the Pallas kernel ``name``."""
+    return [v for k, v in kernels.items() if _kernel_base_name(k) == name]
+
+
 def tensor_core_problems(result: Compiled, kernels: Sequence[dict] | None = None) -> list[str]:
-    """bf16 matmul kernels (a Pallas kernel with a dot on bf16 operands) with no wgmma/mma."""
+    """bf16 matmul kernels (a Pallas kernel with a dot on bf16 operands) with no wgmma/mma/tcgen05."""
     if result.target.platform != "cuda":
         return []
     ptx = ptx_kernels(result.dump_dir) if kernels is None else {k["kernel"]: k for k in kernels}
     problems = []
     for k in result.pallas_kernels:
         if any("bfloat16" in d for d in k["dots"]):
-            found = ptx.get(k["name"])
-            if found is None:
+            found = kernel_variants(ptx, k["name"])
+            if not found:
                 problems.append(f"{k['name']}: no PTX found for it")
-            elif not (found.get("wgmma") or found.get("mma")):
-                problems.append(f"{k['name']}: bf16 dot without tensor-core instructions (no wgmma, no mma)")
+            elif not all(f.get("wgmma") or f.get("mma") or f.get("tcgen05") for f in found):
+                problems.append(f"{k['name']}: bf16 dot without tensor-core instructions (no wgmma, mma or tcgen05)")
     return problems
 
 
@@ -919,7 +982,8 @@ def run(target_name: str, cases: Sequence[StaticCase], log=print) -> dict:
             log(f"[{i}/{len(cases)}] {target_name} {case.label}: {rec['compile_s']:.1f} s, {note}")
     return {
         "target": {"name": target.name, "device": target.device, "platform": target.platform,
-                   "spec_file": target.spec_file, "topology": target.topology,
+                   "spec_file": target.spec_file, "arch": target.arch, "topology": target.topology,
+                   "kernels_note": _KERNELS_NOTE.get(target.name),
                    "hbm_bytes_per_s": target.hbm_bytes_per_s, "peak_flops": dict(target.peak_flops),
                    "memory_bytes": target.memory_bytes, "peak_source": target.peak_source,
                    "vmem_scoped_bytes": target.vmem_scoped_bytes},
@@ -973,12 +1037,17 @@ def markdown(doc: dict) -> str:
              "matmul ops at the bf16 rate, everything else at the f32 rate.",
              "- peak memory: XLA's memory_analysis of the executable (arguments + outputs + temporaries where XLA "
              "gives no peak)."]
+    if t.get("kernels_note"):
+        lines += [f"- Kernels: {t['kernels_note']}"]
+    # sm_100a's tensor-core instruction gets its own column (the Hopper reports keep theirs).
+    tcgen05 = t.get("arch") == "sm_100a"
     if t["platform"] == "cuda":
         lines += ["- Per kernel: grid, threads and shared memory (dynamic + static) from XLA's thunk sequence; "
                   "registers and spills from `ptxas -v` on XLA's PTX; occupancy = resident warps / 64 per SM (limits: "
                   "registers, shared memory, warps, 32 blocks); waves = blocks / (blocks per SM x SMs); wgmma / mma = "
-                  "tensor-core instructions in the PTX (sm_90a); issue = the wgmma loop's PTX instructions per step "
-                  "x R / its wgmma multiply-adds per warpgroup, R = tensor-core multiply-adds per SM per clock: instruction "
+                  f"tensor-core instructions in the PTX ({t.get('arch') or 'sm_90a'})"
+                  + (", tcgen05 = `tcgen05.mma` (sm_100a's)" if tcgen05 else "") + "; issue = the wgmma loop's PTX "
+                  "instructions per step x R / its wgmma multiply-adds per warpgroup, R = tensor-core multiply-adds per SM per clock: instruction "
                   "issue time over tensor-core time per step (at most 1: issue keeps up)."]
     else:
         lines += ["- Per kernel: grid and blocks from the traced pallas_call; VMEM estimate = 2 buffers per block "
@@ -1002,7 +1071,8 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Per kernel", ""]
     if t["platform"] == "cuda":
         lines += ["| case | kernel | grid | waves | warps | stages | regs | smem | spills (st/ld B) | occupancy | "
-                  "wgmma | mma | issue |", "| --- |" + " --- |" * 12]
+                  "wgmma | mma |" + (" tcgen05 |" if tcgen05 else "") + " issue |",
+                  "| --- |" + " --- |" * (13 if tcgen05 else 12)]
         for r in doc["results"]:
             for k in r.get("kernels", []):
                 occ = k.get("occupancy")
@@ -1015,7 +1085,8 @@ def markdown(doc: dict) -> str:
                     f"{k['spill_store_bytes'] if k['spill_store_bytes'] is not None else '-'}/"
                     f"{k['spill_load_bytes'] if k['spill_load_bytes'] is not None else '-'} | {occ_cell} | "
                     f"{k['wgmma'] if k['wgmma'] is not None else '-'} | {k['mma'] if k['mma'] is not None else '-'} | "
-                    f"{_fmt_ratio(k.get('issue_ratio'))} |")
+                    + (f"{k['tcgen05'] if k.get('tcgen05') is not None else '-'} | " if tcgen05 else "")
+                    + f"{_fmt_ratio(k.get('issue_ratio'))} |")
     else:
         lines += ["| case | kernel | grid | blocks (shape dtype) | VMEM estimate | of scoped |",
                   "| --- |" + " --- |" * 5]

@@ -1,4 +1,4 @@
-"""The ahead-of-time compile tier: every op compiled for an H100, H200, TPU v5e and v6e on CPU.
+"""The ahead-of-time compile tier: every op compiled for an H100, H200, A100, B200, TPU v5e and v6e on CPU.
 
 Runs in its own venv with the ``aot`` extra (``jax[cuda13]`` and ``jax[tpu]``, which
 bring XLA's CUDA and TPU compilers): ``.ci/aot`` creates ``.venv-aot`` and runs

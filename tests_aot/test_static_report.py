@@ -23,6 +23,22 @@ def test_gpu_peaks_come_from_xla_target_specs():
     assert h200.memory_bytes > 140e9 > h100.memory_bytes
 
 
+def test_other_gpu_peaks_and_architectures():
+    # NVIDIA's datasheets: A100 SXM 80GB 312 TFLOP/s dense BF16, 19.5 TFLOP/s FP32, 2.04 TB/s;
+    # HGX B200, per GPU: 2.25 PFLOP/s dense BF16, 75 TFLOP/s FP32 (8 TB/s; XLA's spec, used, has 7.67).
+    a100, b200 = static.get_target("a100"), static.get_target("b200")
+    assert a100.peak_flops["bf16"] == pytest.approx(312e12, rel=0.005)
+    assert a100.peak_flops["f32"] == pytest.approx(19.5e12, rel=0.005)
+    assert a100.hbm_bytes_per_s == pytest.approx(2.04e12, rel=0.005)
+    # XLA's table clocks B200's tensor cores at 1.835 GHz: 2.225 PFLOP/s, 1.1% under the datasheet.
+    assert b200.peak_flops["bf16"] == pytest.approx(2.25e15, rel=0.015)
+    assert b200.peak_flops["f32"] == pytest.approx(75e12, rel=0.01)
+    assert (a100.gpu["core_count"], b200.gpu["core_count"]) == (108, 148)
+    assert a100.gpu["shared_memory_per_block_optin"] == 166912 < b200.gpu["shared_memory_per_block_optin"]
+    archs = {name: static.get_target(name).arch for name in ("h100", "h200", "a100", "b200")}
+    assert archs == {"h100": "sm_90a", "h200": "sm_90a", "a100": "sm_80", "b200": "sm_100a"}
+
+
 def test_occupancy_limits():
     h100 = static.get_target("h100")
     # 8 warps at 64 registers: 65536 / (64 * 32) = 32 warps = 4 blocks, half the SM's 64 warps.
@@ -81,6 +97,29 @@ def test_static_cli_gpu(target, backend, tmp_path, capsys, monkeypatch):
     assert "h100: 1 compiles, 0 with problems" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("target", "instruction"), [("a100", "mma"), ("b200", "tcgen05")])
+def test_static_cli_other_gpus(target, instruction, tmp_path):
+    """Not a Hopper: the Triton kernels, with that GPU's tensor-core instruction in the matmuls."""
+    doc = cli.main(["--static", "--target", target, "--ops", "dense_tanh", "--shapes", "llm", "--dtypes", "bf16",
+                    "--out", str(tmp_path)])["targets"][0]
+    (rec,) = doc["results"]
+    assert rec["status"] == "ok" and not rec["problems"]
+    peak = static.get_target(target).peak_flops["bf16"]
+    assert rec["floor_s"] == pytest.approx(3 * 2 * 8192 * 4096 * 4096 / peak, rel=0.01)
+    kernels = {k["kernel"]: k for k in rec["kernels"] if k["source"] == "pallas"}
+    matmuls = tuple(f"fusedvjp_dense_{k}" for k in ("fwd", "bwd_dx", "bwd_dw"))
+    # Triton's: no Mosaic GPU (``_mgpu``) kernel, and dz written by its own pass kernel.
+    assert set(kernels) == {*matmuls, "fusedvjp_dense_bwd_dz"}
+    for k in kernels.values():
+        assert 0 < k["registers"] <= 255 and k["spill_store_bytes"] == 0 and k["spill_load_bytes"] == 0
+        assert 0 < k["smem_bytes"] <= static.get_target(target).gpu["shared_memory_per_block_optin"]
+    for name in matmuls:
+        assert kernels[name][instruction] > 0 and kernels[name]["wgmma"] == 0, (name, kernels[name])
+    md = (tmp_path / "results.md").read_text()
+    assert "every GPU kernel is Pallas Triton" in md
+    assert ("| tcgen05 |" in md) == (target == "b200")
+
+
 @pytest.mark.parametrize("target", ["v6e"])
 def test_static_cli_tpu(target, tmp_path):
     doc = cli.main(["--static", "--target", target, "--ops", "layer_norm", "--shapes", "llm", "--dtypes", "bf16",
@@ -101,9 +140,16 @@ def test_static_needs_a_target():
         cli.parse_args(["--target", "h100"])
 
 
+# Known and reported (tests_aot/test_compile.py's KNOWN_OTHER_GPU_FAILURES): ptxas for sm_80
+# spills 4 B in the f32 cross-entropy forward at V >= 32768 (integer labels, no options).
+KNOWN_REPORT_PROBLEMS = {"a100": {("softmax_cross_entropy_with_integer_labels", (8192, v), "f32")
+                                  for v in (32768, 131072)}}
+
+
 @pytest.mark.parametrize("name", static.TARGET_NAMES)
 def test_committed_report_is_complete_and_clean(name):
-    """bench/results/static-<target>/ covers every case of the full matrix, with no problems.
+    """bench/results/static-<target>/ covers every case of the full matrix, with no problems
+    but the known ones.
 
     Regenerate with ``python -m fusedvjp.bench --static --target <name>`` after changing a
     kernel, a block-size default or the registry's shapes.
@@ -116,5 +162,7 @@ def test_committed_report_is_complete_and_clean(name):
     want = {(c.op, c.shape, c.dtype, c.options) for c in static.build_cases()}
     assert have == want, f"stale {path}: regenerate it (missing {sorted(want - have)[:5]}, " \
                          f"extra {sorted(have - want)[:5]})"
-    assert not [r for r in doc["results"] if r["problems"]]
+    bad = {(r["op"], tuple(r["shape"]), r["dtype"]): r["problems"] for r in doc["results"] if r["problems"]}
+    assert set(bad) == KNOWN_REPORT_PROBLEMS.get(name, set()), bad
+    assert all(len(p) == 1 and "spills 4 B stores" in p[0] for p in bad.values()), bad
     assert (path.parent / "results.md").is_file()
