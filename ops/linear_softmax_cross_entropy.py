@@ -384,10 +384,14 @@ def _backward_local(assign, fn, is_kernel, *, label_smoothing, z_loss, cap, chun
 
 def _layouts(has_bias: bool, **options):
     bias = ("v",) if has_bias else ()
+    # partition_jnp: XLA cannot split the jnp chunk loop's dynamic slices of a V-split w
+    # (it would gather w and b), so under Auto axes the jnp path is partitioned as the
+    # kernels are.
     forward = _sharding.Layout(("m d", "d v", *bias, "m", "m"), ("m", "m", "m"), whole=("d",),
-                               local=functools.partial(_forward_local, **options))
+                               local=functools.partial(_forward_local, **options), partition_jnp=True)
     backward = _sharding.Layout(("m d", "d v", *bias, "m", "m", "m", "m", "m"), ("m d", "d v", *bias),
-                                whole=("d",), local=functools.partial(_backward_local, has_bias=has_bias, **options))
+                                whole=("d",), local=functools.partial(_backward_local, has_bias=has_bias, **options),
+                                partition_jnp=True)
     return forward, backward
 
 

@@ -103,8 +103,10 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
     if z_loss:
         loss = loss + z_loss * (m + log_s) ** 2
     # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
-    # the multiplication is deliberate (it is the NaN we want), not a mask.
-    loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
+    # the multiplication is deliberate (it is the NaN we want), not a mask. (ones_like, not
+    # a Python 1.0: jax 0.11.2 cannot type ``x * where(c, 1.0, nan)`` under vmap of an
+    # axis split over an explicit mesh that is not set.)
+    loss = loss * jnp.where(valid | ~counted, jnp.ones_like(loss), jnp.nan)
     return jnp.where(counted, loss, 0.0), (m, log_s)
 
 
