@@ -161,10 +161,16 @@ def _local_fn(layout: Layout, assign: Assignment, fn, is_kernel: bool):
 # --- entry point ---------------------------------------------------------------------------
 
 
-def run(fn: Callable[..., Any], args: Sequence[Any], layout: Layout | None, *, is_kernel: bool) -> Any:
+def run(fn: Callable[..., Any], args: Sequence[Any], layout: Layout | None, *, is_kernel: bool,
+        manual: Assignment | None = None) -> Any:
     """``fn(*args)`` for sharded ``args``, partitioned as ``layout`` says (its operands
     are the array leaves of ``args``; ``None`` entries have none); see the module
-    docstring for which mechanism runs when."""
+    docstring for which mechanism runs when.
+
+    ``manual``: factors the caller split inside its own ``shard_map`` (the vocabulary
+    over ``axis_name=``): ``args`` are this device's slices and the local function for
+    that assignment runs as it is.
+    """
     if layout is None:
         return fn(*args)
     arrays, tree = jax.tree.flatten(tuple(args))
@@ -174,7 +180,31 @@ def run(fn: Callable[..., Any], args: Sequence[Any], layout: Layout | None, *, i
     def call(*xs):
         return fn(*jax.tree.unflatten(tree, xs))
 
+    if manual:
+        return _local_fn(layout, manual, call, is_kernel)(*arrays)
     return _run_flat(call, arrays, layout, is_kernel)
+
+
+def manual_axes(axis_name, op_name: str) -> tuple[str, ...] | None:
+    """``axis_name=`` (a mesh axis name or a tuple of them) as a tuple, checked to name
+    manual axes of the enclosing ``shard_map``; None stays None."""
+    if axis_name is None:
+        return None
+    axes = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
+        raise TypeError(f"{op_name}: axis_name must be None, a mesh axis name or a non-empty tuple of them, "
+                        f"got {axis_name!r}")
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if not set(axes) <= set(manual):
+        raise ValueError(f"{op_name}: axis_name={axis_name!r} must name manual axes of the enclosing shard_map "
+                         f"(the axes the vocabulary is split over); the manual axes here are {tuple(manual)}")
+    return axes
+
+
+def axes_size(axes: Sequence[str]) -> int:
+    """The number of devices along manual ``axes`` of the current mesh."""
+    shape = jax.sharding.get_abstract_mesh().shape
+    return math.prod(shape[a] for a in axes)
 
 
 def _run_flat(call, arrays, layout: Layout, is_kernel: bool):

@@ -175,3 +175,106 @@ def test_vmap_over_a_split_axis(idiom, name, impl):
     assert not found, f"{what}: the groups are independent, nothing may cross devices: {found}"
     for leaf in jax.tree.leaves(got):
         assert leaf.sharding.spec[0] == "data", f"{what}: a result sharded {leaf.sharding.spec}, not by group"
+
+
+# --- vocabulary parallel inside the user's shard_map: axis_name= ---------------------------------
+
+VOCAB = 1000  # 250 classes per device along "model"
+
+
+def _vocab_inputs(kind, rng):
+    """(op(args..., axis_name, impl), global arrays, their shard_map specs, differentiated argnums)."""
+    n = 16
+    logits = rng.normal(size=(n, VOCAB)) * 3
+    # One slice of row 5 is all -inf, its real logits far below 0: the slice's placeholder
+    # max must not become the row's shift.
+    logits[5] -= 200.0
+    logits[5, 250:500] = -np.inf
+    logits = jnp.asarray(logits, jnp.float32)
+    where = jnp.asarray(rng.random(n) > 0.2).at[3].set(True)
+    if kind == "probability":
+        labels = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, VOCAB)), jnp.float32)).at[5, 250:500].set(0.0)
+        op = lambda z, t, w, axis_name, impl: ops.softmax_cross_entropy(  # noqa: E731
+            z, t, where=w, axis_name=axis_name, impl=impl)
+        return op, (logits, labels, where), (P("data", "model"), P("data", "model"), P("data")), (0, 1)
+    labels = jnp.asarray(rng.integers(0, VOCAB, n), jnp.int32).at[3].set(VOCAB + 7).at[5].set(0)  # 3: NaN row
+    if kind == "integer":
+        op = lambda z, y, w, axis_name, impl: ops.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            z, y, where=w, label_smoothing=0.1, z_loss=1e-3, axis_name=axis_name, impl=impl)
+        return op, (logits, labels, where), (P("data", "model"), P("data"), P("data")), (0,)
+    x = jnp.asarray(rng.normal(size=(n, 24)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(24, VOCAB)) / 3, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(VOCAB,)), jnp.float32)
+    op = lambda x, w, b, y, m, axis_name, impl: ops.linear_softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        x, w, y, b=b, where=m, label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=5.0, chunk_size=100,
+        axis_name=axis_name, impl=impl)
+    return (op, (x, w, b, labels, where), (P("data"), P(None, "model"), P("model"), P("data"), P("data")),
+            (0, 1, 2))
+
+
+@pytest.mark.parametrize("kind,impl,axis_name", [
+    *((kind, impl, "model") for kind in ("integer", "probability", "linear") for impl in IMPLS),
+    ("integer", "jnp", ("m1", "m2")),  # a tuple of axes: 2 x 2 slices
+])
+def test_axis_name_vocabulary_parallel_in_shard_map(kind, impl, axis_name):
+    """The caller's shard_map holds one slice of the vocabulary per device along "model"
+    (rows split over "data"); ``axis_name="model"`` merges the per-row statistics. Equal
+    to the op on the whole vocabulary; only [N_local] vectors and scalars cross devices."""
+    rng = np.random.default_rng()
+    op, args, specs, argnums = _vocab_inputs(kind, rng)
+    # Per-row weights: every row's cotangent differs (a linear sum, so that the loss's own
+    # rounding -- checked on the outputs -- is not amplified into the gradients).
+    args, specs = (*args, jnp.asarray(rng.normal(size=args[0].shape[:1]), jnp.float32)), (*specs, P("data"))
+
+    def step(*a, axis_name, impl):
+        *a, weights = a
+
+        def total(*diff):
+            full = list(a)
+            for i, d in zip(argnums, diff):
+                full[i] = d
+            out = op(*full, axis_name=axis_name, impl=impl)
+            return jnp.sum(jnp.where(jnp.isnan(out), 0.0, out) * weights), out
+
+        (_, out), grads = jax.value_and_grad(total, argnums=tuple(range(len(argnums))), has_aux=True)(
+            *(a[i] for i in argnums))
+        return out, grads
+
+    want = jax.block_until_ready(jax.jit(lambda *a: step(*a, axis_name=None, impl="xla"))(*args))
+    if axis_name == "model":
+        mesh = jax.make_mesh((2, 4), ("data", "model"))
+    else:
+        mesh = jax.make_mesh((2, 2, 2), ("data", *axis_name))
+        specs = tuple(P(*(axis_name if e == "model" else e for e in s)) for s in specs)
+    sharded = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+    mapped = jax.shard_map(lambda *a: step(*a, axis_name=axis_name, impl=impl), mesh=mesh, in_specs=specs,
+                           out_specs=(P("data"), tuple(specs[i] for i in argnums)))
+    compiled = jax.jit(mapped).lower(*sharded).compile()
+    got = compiled(*sharded)
+    what = f"axis_name={axis_name!r} {kind} impl={impl}"
+    _assert_close(got, want, what)
+    found = collectives(compiled.as_text())
+    assert found, f"{what}: the slices' statistics must be merged"
+    for op_name, shapes in found:
+        assert op_name == "all-reduce", f"{what}: {op_name} {shapes}"
+        # [N_local] statistics and scalars; the linear op also all-reduces dx [N_local, D]
+        # over "model" and its dW, db slices [D, V_local], [V_local] over the rows ("data").
+        allowed = ((), (8,)) + (((8, 24), (24, 250), (250,), (1, 250)) if kind == "linear" else ())
+        assert all(s in allowed for s in shapes), f"{what}: all-reduce of {shapes}: only [N] vectors may cross"
+
+
+def test_axis_name_is_checked():
+    logits, labels = jnp.zeros((4, 6)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="manual axes of the enclosing shard_map"):
+        ops.softmax_cross_entropy_with_integer_labels(logits, labels, axis_name="model", impl="jnp")
+    with pytest.raises(TypeError, match="axis_name must be"):
+        ops.softmax_cross_entropy(logits, logits, axis_name=3, impl="jnp")
+    mesh = jax.make_mesh((8,), ("model",))
+
+    def class_mask(z, y):
+        return ops.softmax_cross_entropy_with_integer_labels(z, y, where=z > 0, axis_name="model", impl="jnp")
+
+    with pytest.raises(ValueError, match="per-row where"):
+        jax.shard_map(class_mask, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())(
+            jax.device_put(jnp.zeros((4, 16)), NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(labels, NamedSharding(mesh, P())))
