@@ -10,12 +10,15 @@ the three ways JAX shards a program:
 
 * **Explicit mesh axes** (``jax.make_mesh``'s default; the shardings are in the array
   types): :func:`run` reads each operand's ``PartitionSpec`` from its type and runs the
-  local function under an internal ``jax.shard_map``.
+  local function under an internal ``jax.shard_map`` -- over the mesh set with
+  ``jax.set_mesh``, or, with none set, the one in the arrays' types.
 * **Auto mesh axes** (``jax.sharding.Mesh``, or ``jit`` with ``in_shardings``): the
   shardings are chosen by the partitioner (Shardy) after tracing, so the kernel call is
   wrapped in ``jax.experimental.custom_partitioning`` with the layout as its
   ``sharding_rule``; its partition callback builds the same local function for the
-  shardings Shardy picked. Not on TPU: Mosaic kernels refuse automatic partitioning
+  shardings Shardy picked. It needs no mesh set: it wraps whenever the process has
+  several devices and no mesh is set (``Mesh`` + ``device_put`` + ``jit``, the legacy
+  ``with mesh:``), or a multi-device Auto mesh is set. Not on TPU: Mosaic kernels refuse automatic partitioning
   and libtpu cannot compile custom_partitioning (jax-ml/jax#38196), so under a
   multi-device Auto mesh the kernels refuse the case (``impl="auto"`` falls back to the
   jnp path, which XLA partitions; ``impl="pallas"`` raises); explicit axes or shard_map
@@ -23,7 +26,11 @@ the three ways JAX shards a program:
 * **Inside ``shard_map``** (manual axes): the arrays are already local and the caller
   writes the collectives; the op runs as on one device, and the custom_vjp rules reduce
   replicated parameters' cotangents over the axes they vary on (:func:`match_cotangent`),
-  as JAX's own autodiff does.
+  as JAX's own autodiff does. With ``axis_name=`` (``manual``) the caller split the
+  vocabulary: the local function of that split runs as it is.
+
+Under ``vmap`` the first two get a ``custom_vmap`` rule that partitions the batched call,
+the vmapped axis one more factor (:func:`_with_rules`).
 
 A factor in ``Layout.whole`` is one the local function cannot split (layer_norm's
 feature axis): it is gathered first, which is the only collective of activations an op
