@@ -204,8 +204,10 @@ def train(args: argparse.Namespace, dataset: data_lib.Dataset, log=print) -> dic
     replicated; the returned params are then host (numpy) arrays.
     """
     mesh = parallel_mesh(args)
-    # The mesh is set while the steps trace: that is what lets the Pallas kernels be
-    # partitioned over its Auto axis (docs/sharding.md).
+    # The mesh is set while the steps trace. The Pallas kernels are partitioned over its
+    # Auto axis with or without it on a host of several devices; on TPU, where they cannot
+    # be (jax-ml/jax#38196), the set mesh is what makes impl="auto" take the jnp path
+    # instead of running them whole (docs/sharding.md).
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         return _train(args, dataset, mesh, log)
 

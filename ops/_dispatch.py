@@ -44,7 +44,8 @@ def uses_kernels(impl: str) -> bool:
 
 
 def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., Any], args: Sequence[Any],
-               op_name: str, layout: _sharding.Layout | None = None) -> Any:
+               op_name: str, layout: _sharding.Layout | None = None,
+               manual: _sharding.Assignment | None = None) -> Any:
     """``kernel(*args)`` when ``impl`` uses the kernels, else ``jnp_path(*args)``.
 
     Both compute the same function of ``args`` (arrays or None; options are bound in).
@@ -56,7 +57,7 @@ def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., An
     ``layout`` says how the call is partitioned when its arrays are sharded
     (:mod:`fusedvjp.ops._sharding`): the kernel always, and the jnp path under explicit
     mesh axes, where jnp's own sharding rules cannot type a contraction over a split
-    batch.
+    batch. ``manual``: the factors the caller split in its own shard_map (``axis_name=``).
 
     The kernel is wrapped in a ``jax.custom_jvp`` whose rule is the jnp path's JVP. The
     first derivative never uses it (the ops' hand-written ``custom_vjp`` rules call the
@@ -66,14 +67,14 @@ def run_kernel(impl: str, kernel: Callable[..., Any], jnp_path: Callable[..., An
     through the jnp computation of the same function.
     """
     if not uses_kernels(impl) or any(jnp.size(a) == 0 for a in jax.tree.leaves(args)):
-        return _sharding.run(jnp_path, args, layout, is_kernel=False)
+        return _sharding.run(jnp_path, args, layout, is_kernel=False, manual=manual)
     try:
-        return _sharding.run(_with_jnp_derivatives(kernel, jnp_path), args, layout, is_kernel=True)
+        return _sharding.run(_with_jnp_derivatives(kernel, jnp_path), args, layout, is_kernel=True, manual=manual)
     except NotImplementedError as e:
         if impl == "pallas":
             raise
         warnings.warn(f"{op_name}: {e}; using the jnp implementation", UnsupportedCaseWarning, stacklevel=3)
-        return _sharding.run(jnp_path, args, layout, is_kernel=False)
+        return _sharding.run(jnp_path, args, layout, is_kernel=False, manual=manual)
 
 
 def _with_jnp_derivatives(kernel: Callable[..., Any], jnp_path: Callable[..., Any]) -> Callable[..., Any]:

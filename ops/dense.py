@@ -66,10 +66,11 @@ def _explicit_out_sharding(a: jax.Array, b: jax.Array):
     (the columns left whole if their axes already split the rows).
 
     JAX asks for it when the contracted axis is split (row-parallel ``w``): the partial
-    products are then all-reduced. None without explicit axes (JAX infers it).
+    products are then all-reduced. None without explicit axes (JAX infers it). The mesh
+    is the set one or, with none set, the one in the operands' types.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not mesh.explicit_axes:
+    mesh = _sharding.explicit_mesh(a, b)
+    if mesh is None:
         return None
 
     def entries(x):
@@ -82,7 +83,7 @@ def _explicit_out_sharding(a: jax.Array, b: jax.Array):
     rows, col = entries(a)[:-1], entries(b)[-1]
     if set(axes(col)) & {ax for r in rows for ax in axes(r)}:
         col = None
-    return jax.sharding.PartitionSpec(*rows, col)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows, col))
 
 
 def _activate(z: jax.Array, activation: str | None) -> jax.Array:

@@ -54,7 +54,12 @@ from fusedvjp.ops._dispatch import (
     run_kernel,
     uses_kernels,
 )
-from fusedvjp.ops.softmax_cross_entropy import _integer_label_loss, _merge_row_stats
+from fusedvjp.ops.softmax_cross_entropy import (
+    _integer_label_loss,
+    _manual,
+    _merge_row_stats,
+    vocab_parallel_integer_loss,
+)
 
 OP_NAME = "linear_softmax_cross_entropy_with_integer_labels"
 REDUCTIONS = ("none", "sum", "mean")
@@ -384,10 +389,14 @@ def _backward_local(assign, fn, is_kernel, *, label_smoothing, z_loss, cap, chun
 
 def _layouts(has_bias: bool, **options):
     bias = ("v",) if has_bias else ()
+    # partition_jnp: XLA cannot split the jnp chunk loop's dynamic slices of a V-split w
+    # (it would gather w and b), so under Auto axes the jnp path is partitioned as the
+    # kernels are.
     forward = _sharding.Layout(("m d", "d v", *bias, "m", "m"), ("m", "m", "m"), whole=("d",),
-                               local=functools.partial(_forward_local, **options))
+                               local=functools.partial(_forward_local, **options), partition_jnp=True)
     backward = _sharding.Layout(("m d", "d v", *bias, "m", "m", "m", "m", "m"), ("m d", "d v", *bias),
-                                whole=("d",), local=functools.partial(_backward_local, has_bias=has_bias, **options))
+                                whole=("d",), local=functools.partial(_backward_local, has_bias=has_bias, **options),
+                                partition_jnp=True)
     return forward, backward
 
 
@@ -397,6 +406,7 @@ def _layouts(has_bias: bool, **options):
 def _forward(x, w, b, labels, where, options, impl, return_residuals):
     """x [N, D], w [D, V], b [V] | None, labels int32 [N], where bool [N] -> loss [N] (+ residuals)."""
     opts = dict(options)
+    manual = _manual(opts.pop("vocab_axes"))
     loss, m, log_s = run_kernel(
         impl,
         functools.partial(_forward_pallas, **opts),
@@ -404,6 +414,7 @@ def _forward(x, w, b, labels, where, options, impl, return_residuals):
         (x, w, b, labels, where),
         OP_NAME,
         _layouts(b is not None, **opts)[0],
+        manual,
     )
     if return_residuals:
         # (m, log_s): the row's logsumexp in two parts, from which the backward recomputes
@@ -424,6 +435,7 @@ def _lce_fwd(x, w, b, labels, where, options, impl):
 def _lce_bwd(options, impl, residuals, g):
     x, w, b, labels, where, m, log_s = residuals
     opts = dict(options)
+    manual = _manual(opts.pop("vocab_axes"))
     dx, dw, db = run_kernel(
         impl,
         functools.partial(_backward_pallas, **opts),
@@ -431,6 +443,7 @@ def _lce_bwd(options, impl, residuals, g):
         (x, w, b, labels, where, m, log_s, g),
         OP_NAME,
         _layouts(b is not None, **opts)[1],
+        manual,
     )
     return (_sharding.match_cotangent(dx, x), _sharding.match_cotangent(dw, w), _sharding.match_cotangent(db, b),
             None, None)
@@ -463,7 +476,8 @@ def _user_matmul(x, w):
 
 
 def linear_softmax_cross_entropy_with_integer_labels_reference(
-    x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction="none"
+    x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction="none",
+    axis_name=None,
 ):
     """The ``impl="xla"`` path: the [..., V] logits materialized, differentiated by autodiff.
 
@@ -482,7 +496,11 @@ def linear_softmax_cross_entropy_with_integer_labels_reference(
         z = z + b.astype(ct)
     if logit_soft_cap is not None:
         z = logit_soft_cap * jnp.tanh(z / logit_soft_cap)
-    loss, _ = _integer_label_loss(z, labels, where, label_smoothing, z_loss)
+    if axis_name is None:
+        loss, _ = _integer_label_loss(z, labels, where, label_smoothing, z_loss)
+    else:  # z is this device's slice of the vocabulary along axis_name
+        loss = vocab_parallel_integer_loss(z, labels, where, label_smoothing, z_loss,
+                                           _sharding.manual_axes(axis_name, OP_NAME))
     return _reduce(loss, where, reduction).astype(x.dtype)
 
 
@@ -527,7 +545,7 @@ def _check(x, w, b, labels, where, reduction, chunk_size):
 
 def linear_softmax_cross_entropy_with_integer_labels(
     x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
-    reduction="none", chunk_size=None, impl="auto",
+    reduction="none", chunk_size=None, axis_name=None, impl="auto",
 ):
     """Softmax cross-entropy of the logits ``x @ w + b`` without materializing them.
 
@@ -552,6 +570,12 @@ def linear_softmax_cross_entropy_with_integer_labels(
         :func:`default_chunk_size`: ``jnp`` keeps one chunk's [N, Vc] f32 logits within
         :data:`CHUNK_BYTES`, the kernels one chunk's [N, Vc] ``dl`` in x's dtype within
         :data:`KERNEL_CHUNK_BYTES`.
+      axis_name: inside ``shard_map``, the mesh axis name (or tuple of names) the
+        vocabulary is split over: ``w`` (and ``b``) hold this device's slice of the
+        classes (the slices in axis-index order), ``labels`` are global class indices,
+        ``x`` is the same on every device of the axis. Per-row statistics are merged over
+        ``axis_name`` (a pmax and a few psums of [N] vectors) and ``dx`` is all-reduced
+        over it; ``dW`` and ``db`` stay per slice.
       impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` (chunked,
         hand-written VJP) or ``"xla"`` (the logits materialized, JAX's autodiff).
 
@@ -585,10 +609,11 @@ def linear_softmax_cross_entropy_with_integer_labels(
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
     cap = _check_cap(logit_soft_cap)
     impl = resolve_impl(impl)
+    vocab_axes = _sharding.manual_axes(axis_name, OP_NAME)
     options = dict(b=b, where=where, label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=cap)
     if impl == "xla":
         return linear_softmax_cross_entropy_with_integer_labels_reference(x, w, labels, reduction=reduction,
-                                                                          **options)
+                                                                          axis_name=vocab_axes, **options)
     # Mixed precision as in Flax (and ops.dense): the parameters are cast to the
     # activation dtype outside the custom_vjp, so their cotangents return in their dtype.
     w = w.astype(x.dtype)
@@ -601,14 +626,16 @@ def linear_softmax_cross_entropy_with_integer_labels(
     # Out-of-range labels become -1 before the int32 cast: an int64 label >= 2**32 must
     # not wrap into a valid class.
     labels1 = labels.reshape(n)
-    labels1 = jnp.where((labels1 >= 0) & (labels1 < v), labels1, -1).astype(jnp.int32)
+    v_total = v * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes))
+    labels1 = jnp.where((labels1 >= 0) & (labels1 < v_total), labels1, -1).astype(jnp.int32)
     if chunk_size is None:
         kernels = uses_kernels(impl)
         chunk = default_chunk_size(n, v, jnp.dtype(x.dtype).itemsize if kernels else 4,
                                    KERNEL_CHUNK_BYTES if kernels else CHUNK_BYTES)
     else:
         chunk = min(int(chunk_size), max(v, 1))
-    static = (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("cap", cap), ("chunk", chunk))
+    static = (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("cap", cap), ("chunk", chunk),
+              ("vocab_axes", vocab_axes))
     with reverse_mode_only(OP_NAME, impl):
         loss = _lce(x2, w, b, labels1, where1, static, impl)
     return _reduce(loss.reshape(labels.shape), where, reduction).astype(x.dtype)

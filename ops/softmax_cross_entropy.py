@@ -103,8 +103,10 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
     if z_loss:
         loss = loss + z_loss * (m + log_s) ** 2
     # An out-of-range label on a counted row poisons the loss *and* its gradient with NaN;
-    # the multiplication is deliberate (it is the NaN we want), not a mask.
-    loss = loss * jnp.where(valid | ~counted, 1.0, jnp.nan)
+    # the multiplication is deliberate (it is the NaN we want), not a mask. (ones_like, not
+    # a Python 1.0: jax 0.11.2 cannot type ``x * where(c, 1.0, nan)`` under vmap of an
+    # axis split over an explicit mesh that is not set.)
+    loss = loss * jnp.where(valid | ~counted, jnp.ones_like(loss), jnp.nan)
     return jnp.where(counted, loss, 0.0), (m, log_s)
 
 
@@ -177,15 +179,28 @@ def _merge_row_stats(m, log_s, axes):
     (its 0 could exceed every real logit and underflow the others' exp), so it takes
     part as -inf. +inf or NaN in a slice reaches m or log_s and makes the row NaN.
     """
-    big = jax.lax.pmax(jnp.where(jnp.isneginf(log_s), -jnp.inf, m), axes)
+    # The shift is held constant under autodiff (impl="xla" with axis_name=): the
+    # logsumexp does not depend on it, and pmax has no derivative.
+    big = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(jnp.isneginf(log_s), -jnp.inf, m)), axes)
     shift = jnp.where(jnp.isneginf(big), 0.0, big)
     return shift, jnp.log(jax.lax.psum(jnp.exp((m - shift) + log_s), axes))
+
+
+def _slice_logsumexp(x):
+    """:func:`_split_logsumexp` of one vocabulary slice. A slice that is all -inf is an
+    ordinary case here (its classes masked), and the merge gives it no weight; its
+    ``log_s = log 0`` gets a 0 gradient under autodiff (``impl="xla"`` with
+    ``axis_name=``), not 0/0. A NaN in the slice still reaches ``log_s``."""
+    m = jnp.max(x, axis=-1, initial=-jnp.inf)
+    m = jnp.where(jnp.isneginf(m), 0.0, m)
+    s = jnp.sum(jnp.exp(x - m[..., None]), axis=-1)
+    return m, jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s)))
 
 
 def _int_slice_stats_jnp(logits, labels_here, where, *, label_smoothing):
     """The kernels' vocab_shard statistics for one slice, in jnp."""
     x, counted = _counted_rows(logits.astype(compute_dtype(logits.dtype)), where)
-    m, log_s = _split_logsumexp(x)
+    m, log_s = _slice_logsumexp(x)
     here = (labels_here >= 0) & (labels_here < x.shape[-1])
     picked = jnp.take_along_axis(x, jnp.where(here, labels_here, 0)[..., None], axis=-1)[..., 0]
     logit_sum = jnp.sum(x, axis=-1) if label_smoothing else jnp.zeros_like(m)
@@ -196,8 +211,13 @@ def _prob_slice_stats_jnp(logits, t, where):
     ct = compute_dtype(logits.dtype, t.dtype)
     x, counted = _counted_rows(logits.astype(ct), where)
     t, _ = _counted_rows(t.astype(ct), where)
-    m, log_s = _split_logsumexp(x)
-    return m, log_s, jnp.sum(t, axis=-1), jnp.sum(jnp.where(t != 0, t * x, 0.0), axis=-1)
+    m, log_s = _slice_logsumexp(x)
+    # sum t and sum t x with 0 (-inf) = 0, written so that autodiff (impl="xla" with
+    # axis_name=) gives d loss / d t_j = lse - x_j = -log p_j, and 0 where the
+    # reference's 0 log 0 = 0 holds (t_j = 0 at x_j = -inf): there t_j leaves both sums.
+    no_mass = jnp.isneginf(x) & (t == 0)
+    return (m, log_s, jnp.sum(jnp.where(no_mass, 0.0, t), axis=-1),
+            jnp.sum(t * jnp.where(no_mass, 0.0, x), axis=-1))
 
 
 def _int_forward_local(assign, fn, is_kernel, *, label_smoothing, z_loss):
@@ -227,7 +247,9 @@ def _int_forward_local(assign, fn, is_kernel, *, label_smoothing, z_loss):
         if z_loss:
             loss = loss + z_loss * (shift + log_s) ** 2
         valid = (labels >= 0) & (labels < v)
-        loss = jnp.where(where & ~valid, jnp.nan, loss)
+        # A product, as in _integer_label_loss: under autodiff (impl="xla" with
+        # axis_name=) the NaN reaches the row's gradient too.
+        loss = loss * jnp.where(where & ~valid, jnp.nan, jnp.ones_like(loss))
         return jnp.where(where, loss, 0.0), (shift, log_s)
 
     return local
@@ -290,6 +312,37 @@ def _int_layouts(label_smoothing, z_loss):
     return forward, backward
 
 
+def _manual(vocab_axes):
+    """The vocabulary split the caller made in its shard_map (``axis_name=``), or None."""
+    return None if vocab_axes is None else {"v": vocab_axes}
+
+
+def vocab_parallel_integer_loss(x, labels, where, label_smoothing, z_loss, axes):
+    """The ``impl="xla"`` path under ``axis_name=``: x [..., V_local] is this device's
+    slice of the vocabulary along ``axes``, labels are global classes -> loss [...] in
+    x's compute dtype; the slice statistics merged by pmax/psum, in plain jnp,
+    differentiated by JAX."""
+    v = x.shape[-1] * _sharding.axes_size(axes)
+    labels = jnp.where((labels >= 0) & (labels < v), labels, -1).astype(jnp.int32)
+    where = jnp.ones(labels.shape, bool) if where is None else where
+    local = _int_forward_local({"v": axes}, None, False, label_smoothing=label_smoothing, z_loss=z_loss)
+    return local(x, labels, where)[0]
+
+
+def _vocab_axes(axis_name, axis, where, logits, op_name):
+    """``axis_name=`` checked: one class axis, and no per-class ``where`` (its rows' "no
+    class left" would need every slice)."""
+    axes = _sharding.manual_axes(axis_name, op_name)
+    if axes is None:
+        return None
+    if not isinstance(axis, int) and len(axis) != 1:
+        raise ValueError(f"{op_name}: axis_name= needs one class axis (the one split over {axes}), got axis={axis!r}")
+    if where is not None and jnp.ndim(where) == logits.ndim:
+        raise ValueError(f"{op_name}: axis_name= takes a per-row where (of the labels' shape), not a per-class mask "
+                         f"of shape {jnp.shape(where)}; give masked classes a -inf logit instead")
+    return axes
+
+
 _PROB_FORWARD_LAYOUT = _sharding.Layout(("m v", "m v", "m"), ("m", "m", "m", "m"), local=_prob_forward_local)
 # Given the whole row's residual, dlogits = g (p sum(t) - t) is elementwise: a vocabulary
 # slice needs nothing from the others.
@@ -304,7 +357,7 @@ def _int_loss_jnp(logits, labels, where, *, label_smoothing, z_loss):
     return _integer_label_loss(x, labels, where, label_smoothing, z_loss)
 
 
-def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals):
+def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, vocab_axes, return_residuals):
     """logits [N, V], labels int32 [N], where bool [N] -> loss [N] (+ residuals)."""
     from fusedvjp.kernels import softmax_cross_entropy as kernels
 
@@ -316,19 +369,20 @@ def _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_re
         (logits, labels, where),
         "softmax_cross_entropy_with_integer_labels",
         _int_layouts(label_smoothing, z_loss)[0],
+        _manual(vocab_axes),
     )
     if return_residuals:
         return loss, (logits, labels, where, tuple(row_stats))
     return loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _int_xent(logits, labels, where, label_smoothing, z_loss, impl):
-    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _int_xent(logits, labels, where, label_smoothing, z_loss, impl, vocab_axes):
+    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, vocab_axes, return_residuals=False)
 
 
-def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl):
-    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, return_residuals=True)
+def _int_xent_fwd(logits, labels, where, label_smoothing, z_loss, impl, vocab_axes):
+    return _int_forward(logits, labels, where, label_smoothing, z_loss, impl, vocab_axes, return_residuals=True)
 
 
 def _int_grad_jnp(logits, labels, where, row_stats, g, *, label_smoothing, z_loss):
@@ -346,7 +400,7 @@ def _int_grad_jnp(logits, labels, where, row_stats, g, *, label_smoothing, z_los
     return jnp.where(where[:, None], g.astype(x.dtype)[:, None] * dx, 0.0).astype(logits.dtype)
 
 
-def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
+def _int_xent_bwd(label_smoothing, z_loss, impl, vocab_axes, residuals, g):
     from fusedvjp.kernels import softmax_cross_entropy as kernels
 
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
@@ -357,6 +411,7 @@ def _int_xent_bwd(label_smoothing, z_loss, impl, residuals, g):
         (*residuals, g),
         "softmax_cross_entropy_with_integer_labels",
         _int_layouts(label_smoothing, z_loss)[1],
+        _manual(vocab_axes),
     )
     return _sharding.match_cotangent(dlogits, residuals[0]), None, None
 
@@ -372,26 +427,26 @@ def _prob_loss_jnp(logits, labels, where):
     return _probability_label_loss(logits.astype(ct), labels.astype(ct), where)
 
 
-def _prob_forward(logits, labels, where, impl, return_residuals):
+def _prob_forward(logits, labels, where, impl, vocab_axes, return_residuals):
     """logits [N, V], labels float [N, V], where bool [N] -> loss [N] (+ residuals)."""
     from fusedvjp.kernels import softmax_cross_entropy as kernels
 
     loss, row_stats = run_kernel(
         impl, kernels.softmax_cross_entropy_fwd, _prob_loss_jnp, (logits, labels, where), "softmax_cross_entropy",
-        _PROB_FORWARD_LAYOUT,
+        _PROB_FORWARD_LAYOUT, _manual(vocab_axes),
     )
     if return_residuals:
         return loss, (logits, labels, where, tuple(row_stats))
     return loss
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _prob_xent(logits, labels, where, impl):
-    return _prob_forward(logits, labels, where, impl, return_residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _prob_xent(logits, labels, where, impl, vocab_axes):
+    return _prob_forward(logits, labels, where, impl, vocab_axes, return_residuals=False)
 
 
-def _prob_xent_fwd(logits, labels, where, impl):
-    return _prob_forward(logits, labels, where, impl, return_residuals=True)
+def _prob_xent_fwd(logits, labels, where, impl, vocab_axes):
+    return _prob_forward(logits, labels, where, impl, vocab_axes, return_residuals=True)
 
 
 def _prob_grad_jnp(logits, labels, where, row_stats, g):
@@ -403,13 +458,13 @@ def _prob_grad_jnp(logits, labels, where, row_stats, g):
     return jnp.where(where[:, None], dx, 0.0).astype(logits.dtype)
 
 
-def _prob_xent_bwd(impl, residuals, g):
+def _prob_xent_bwd(impl, vocab_axes, residuals, g):
     from fusedvjp.kernels import softmax_cross_entropy as kernels
 
     logits, labels, where, row_stats = residuals
     dlogits = run_kernel(
         impl, kernels.softmax_cross_entropy_bwd, _prob_grad_jnp, (*residuals, g), "softmax_cross_entropy",
-        _PROB_BACKWARD_LAYOUT,
+        _PROB_BACKWARD_LAYOUT, _manual(vocab_axes),
     )
     # d loss / d t_j = -log p_j (= -((x_j - m) - log_s)). XLA fuses this into one
     # elementwise pass and removes it entirely when the labels need no gradient (the usual
@@ -515,7 +570,7 @@ def _rows(logits, where):
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, impl="auto"
+    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, axis_name=None, impl="auto"
 ):
     """Per-example softmax cross-entropy with integer labels, fused where possible.
 
@@ -533,6 +588,11 @@ def softmax_cross_entropy_with_integer_labels(
         classes leave the softmax, a row with none left counts as False).
       label_smoothing: ``a`` in ``[0, 1)``: target ``(1 - a) onehot + a / V``.
       z_loss: ``s >= 0``: adds ``s * logsumexp(logits)**2`` per example.
+      axis_name: inside ``shard_map``, the mesh axis name (or tuple of names) the
+        vocabulary is split over: ``logits`` is this device's slice of the classes (the
+        slices in axis-index order), ``labels`` are global class indices, and the op
+        merges per-row statistics over ``axis_name`` (a pmax and a few psums of [N]
+        vectors). One class axis; a per-row ``where`` only.
       impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
@@ -556,23 +616,28 @@ def softmax_cross_entropy_with_integer_labels(
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
     impl = resolve_impl(impl)
+    vocab_axes = _vocab_axes(axis_name, axis, where, logits, "softmax_cross_entropy_with_integer_labels")
     logits2, labels, row_where = _prepare(logits, labels, axis, where, labels_like_logits=False)
     if impl == "xla":
+        if vocab_axes is not None:
+            loss = vocab_parallel_integer_loss(logits2.astype(compute_dtype(logits.dtype)), labels, row_where,
+                                               label_smoothing, z_loss, vocab_axes)
+            return loss.astype(logits.dtype)
         return softmax_cross_entropy_with_integer_labels_reference(
             logits2, labels, where=row_where, label_smoothing=label_smoothing, z_loss=z_loss
         )
     x, where1 = _rows(logits2, row_where)
-    v = x.shape[-1]
+    v = x.shape[-1] * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes))
     # Out-of-range labels become -1 *before* the int32 cast, so that an int64 label
     # >= 2**32 (x64 mode) cannot wrap into a valid class: it stays out of range (NaN).
     labels1 = labels.reshape(-1)
     labels1 = jnp.where((labels1 >= 0) & (labels1 < v), labels1, -1).astype(jnp.int32)
     with reverse_mode_only("softmax_cross_entropy_with_integer_labels", impl):
-        loss = _int_xent(x, labels1, where1, label_smoothing, z_loss, impl)
+        loss = _int_xent(x, labels1, where1, label_smoothing, z_loss, impl, vocab_axes)
     return loss.reshape(labels.shape).astype(logits.dtype)
 
 
-def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, impl="auto"):
+def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, axis_name=None, impl="auto"):
     """Per-example softmax cross-entropy against a target distribution, fused where possible.
 
     A drop-in for ``optax.softmax_cross_entropy`` (same positional arguments).
@@ -584,6 +649,10 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, impl="auto"):
       where: optional bool mask, per row or per class as in
         :func:`softmax_cross_entropy_with_integer_labels` (a masked class also leaves
         the sum over the labels).
+      axis_name: inside ``shard_map``, the mesh axis name (or tuple) the vocabulary is
+        split over: ``logits`` and ``labels`` are this device's slice of the classes;
+        per-row statistics are merged over ``axis_name`` (see
+        :func:`softmax_cross_entropy_with_integer_labels`).
       impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
@@ -602,10 +671,15 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, impl="auto"):
     _check_logits(logits)
     check_float("labels", labels)
     impl = resolve_impl(impl)
+    vocab_axes = _vocab_axes(axis_name, axis, where, logits, "softmax_cross_entropy")
     logits2, labels2, row_where = _prepare(logits, labels, axis, where, labels_like_logits=True)
-    if impl == "xla":
+    if impl == "xla" and vocab_axes is None:
         return softmax_cross_entropy_reference(logits2, labels2, where=row_where)
     x, where1 = _rows(logits2, row_where)
-    with reverse_mode_only("softmax_cross_entropy", impl):
-        loss = _prob_xent(x, labels2.reshape(x.shape), where1, impl)
+    if impl == "xla":
+        # The slice statistics merged over axis_name, in plain jnp, differentiated by JAX.
+        loss = _prob_forward_local({"v": vocab_axes}, None, False)(x, labels2.reshape(x.shape), where1)[0]
+    else:
+        with reverse_mode_only("softmax_cross_entropy", impl):
+            loss = _prob_xent(x, labels2.reshape(x.shape), where1, impl, vocab_axes)
     return loss.reshape(logits2.shape[:-1]).astype(logits.dtype)

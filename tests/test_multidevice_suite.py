@@ -1,7 +1,7 @@
 """The multi-device tier (``tests_multidevice/``): every op and impl sharded over 8 CPU devices.
 
 It needs ``--xla_force_host_platform_device_count=8`` before jax is first imported, so
-it runs in its own process (its conftest sets the flag), in two parts that pytest-xdist
+it runs in its own process (its conftest sets the flag), in three parts that pytest-xdist
 spreads over its workers.
 """
 
@@ -17,6 +17,7 @@ from conftest import REPO
 PARTS = {
     "data-parallel": "data_parallel or shard_map or registered",
     "tensor-and-vocabulary-parallel": "tensor_parallel or vocabulary",
+    "idioms": "step_as_written or vmap_over_a_split_axis",
 }
 
 

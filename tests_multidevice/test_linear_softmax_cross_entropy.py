@@ -67,6 +67,7 @@ ROWS_VOCABULARY_CASES = (
     ("xla", "explicit", "mean", "full"),
     ("jnp", "explicit", "none", "full"),
     ("jnp", "explicit", "mean", "plain"),
+    ("jnp", "auto", "mean", "full"),
     ("pallas", "explicit", "mean", "full"),
 )
 
@@ -155,30 +156,12 @@ def test_lce_data_parallel_jit(impl, axis_type, reduction, options):
 
 @pytest.mark.parametrize("impl,axis_type,reduction,options", CASES)
 def test_lce_vocabulary_parallel_jit(impl, axis_type, reduction, options):
-    if impl == "jnp" and axis_type == "auto":
-        _vocabulary_jnp_auto(reduction, options)
-        return
     what, found = _run("vocabulary", impl, axis_type, reduction, options)
     arrays = [s for _, shapes in found for s in shapes]
     assert all(s in ((), (N,), (N, D)) for s in arrays), (
         f"{what}: only [N] row statistics, scalars and dx [N, D] may cross devices: {found}")
     assert arrays.count((N, D)) == 1, f"{what}: dx's partial sums over the vocabulary: one [N, D] all-reduce: {found}"
     assert (N,) in arrays, f"{what}: the row statistics (max, sums) are merged across the slices: {found}"
-
-
-def _vocabulary_jnp_auto(reduction, options):
-    """Known limit: under Auto axes the jnp path is left to XLA's partitioner (no
-    custom_partitioning: _sharding.run wraps kernels only), which cannot split the chunk
-    loop's dynamic slices of a V-split w: it gathers w and b (forward and backward) and
-    every device walks the whole vocabulary. The values are right (checked first)."""
-    try:
-        _run("vocabulary", "jnp", "auto", reduction, options)
-    except AssertionError as e:
-        if "all-gather" not in str(e):
-            raise
-        pytest.xfail(f"jnp under Auto axes gathers the V-split w (XLA partitions the chunk loop): "
-                     f"{str(e).splitlines()[0]}")
-    pytest.fail("jnp under Auto axes no longer gathers w: make this case an ordinary one")
 
 
 @pytest.mark.parametrize("impl,axis_type,reduction,options", ROWS_VOCABULARY_CASES)
