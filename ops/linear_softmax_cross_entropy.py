@@ -54,7 +54,8 @@ from fusedvjp.ops._dispatch import (
     run_kernel,
     uses_kernels,
 )
-from fusedvjp.ops.softmax_cross_entropy import _integer_label_loss, _merge_row_stats
+from fusedvjp.kernels._common import class_indices
+from fusedvjp.ops.softmax_cross_entropy import _integer_label_loss, _merge_row_stats, label_array
 
 OP_NAME = "linear_softmax_cross_entropy_with_integer_labels"
 REDUCTIONS = ("none", "sum", "mean")
@@ -538,7 +539,8 @@ def linear_softmax_cross_entropy_with_integer_labels(
       x: ``[..., D]`` floating activations.
       w: ``[D, V]`` weights (Flax kernel layout). Cast to ``x.dtype`` (its gradient is
         returned in its own dtype).
-      labels: integer class indices in ``[0, V)``, of x's shape without D.
+      labels: integer class indices in ``[0, V)`` (any integer dtype; numpy and Python
+        integers are range-checked before conversion, so none wraps), of x's shape without D.
       b: ``[V]`` bias or None. Cast to ``x.dtype``.
       where: optional bool mask of (or broadcast to) the labels' shape: False rows get loss 0 and gradient
         0, whatever x holds there (NaN included), and leave the mean.
@@ -571,7 +573,7 @@ def linear_softmax_cross_entropy_with_integer_labels(
     + s * logsumexp(z, -1)**2)`` with ``z = cap * tanh((x @ w + b) / cap)`` (``x @ w + b``
     without a cap), ``where=False`` rows 0.
     """
-    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), label_array(labels)
     b = None if b is None else jnp.asarray(b)
     where = None if where is None else jnp.asarray(where)
     _check(x, w, b, labels, where, reduction, chunk_size)
@@ -598,10 +600,9 @@ def linear_softmax_cross_entropy_with_integer_labels(
     # Uncounted rows are zeroed before the custom_vjp: whatever they hold cannot reach the
     # logits, and this where's transpose gives them a 0 cotangent.
     x2 = jnp.where(where1[:, None], x.reshape(n, d), 0.0)
-    # Out-of-range labels become -1 before the int32 cast: an int64 label >= 2**32 must
-    # not wrap into a valid class.
-    labels1 = labels.reshape(n)
-    labels1 = jnp.where((labels1 >= 0) & (labels1 < v), labels1, -1).astype(jnp.int32)
+    # int32 indices, -1 out of range, checked before any narrowing (a uint8 label against
+    # V = 300, an int64 label >= 2**32 under x64).
+    labels1 = class_indices(labels.reshape(n), v)
     if chunk_size is None:
         kernels = uses_kernels(impl)
         chunk = default_chunk_size(n, v, jnp.dtype(x.dtype).itemsize if kernels else 4,
