@@ -55,7 +55,15 @@ from fusedvjp.ops._dispatch import (
     uses_kernels,
 )
 from fusedvjp.kernels._common import class_indices
-from fusedvjp.ops.softmax_cross_entropy import _integer_label_loss, _merge_row_stats, label_array
+from fusedvjp.ops.softmax_cross_entropy import (
+    _integer_label_loss,
+    _merge_row_stats,
+    apply_row_weights,
+    check_ignore_index,
+    ignored_rows,
+    label_array,
+    row_weights,
+)
 
 OP_NAME = "linear_softmax_cross_entropy_with_integer_labels"
 REDUCTIONS = ("none", "sum", "mean")
@@ -443,10 +451,13 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 # --- the xla reference and the public function ---------------------------------------------
 
 
-def _reduce(loss, where, reduction):
-    """Per-row losses [...] (compute dtype) -> ``reduction`` of them."""
+def _reduce(loss, where, weight, reduction, dtype):
+    """Per-row losses [...] (compute dtype) -> ``reduction`` of them: per-row losses in
+    ``dtype``, a sum or mean in the compute dtype (f32 from bf16: rounding the mean to
+    bf16 would cost 2**-9 relative, 14.375 for 14.349)."""
+    loss = apply_row_weights(loss, where, weight)
     if reduction == "none":
-        return loss
+        return loss.astype(dtype)
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
@@ -464,7 +475,8 @@ def _user_matmul(x, w):
 
 
 def linear_softmax_cross_entropy_with_integer_labels_reference(
-    x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction="none"
+    x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction="none",
+    weight=None,
 ):
     """The ``impl="xla"`` path: the [..., V] logits materialized, differentiated by autodiff.
 
@@ -484,7 +496,7 @@ def linear_softmax_cross_entropy_with_integer_labels_reference(
     if logit_soft_cap is not None:
         z = logit_soft_cap * jnp.tanh(z / logit_soft_cap)
     loss, _ = _integer_label_loss(z, labels, where, label_smoothing, z_loss)
-    return _reduce(loss, where, reduction).astype(x.dtype)
+    return _reduce(loss, where, weight, reduction, x.dtype)
 
 
 def _check_cap(logit_soft_cap) -> float | None:
@@ -528,7 +540,7 @@ def _check(x, w, b, labels, where, reduction, chunk_size):
 
 def linear_softmax_cross_entropy_with_integer_labels(
     x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
-    reduction="none", chunk_size=None, impl="auto",
+    reduction="none", chunk_size=None, ignore_index=None, weight=None, impl="auto",
 ):
     """Softmax cross-entropy of the logits ``x @ w + b`` without materializing them.
 
@@ -550,28 +562,36 @@ def linear_softmax_cross_entropy_with_integer_labels(
         (Gemma-2).
       reduction: ``"none"`` (per-example losses), ``"sum"``, or ``"mean"`` (over the
         ``where=True`` rows; NaN when there is none, as ``jnp.mean(loss, where=where)``).
+        A sum or mean is computed and returned in float32 (float64 for float64 x), also
+        from bf16 x.
       chunk_size: vocabulary columns per chunk (``jnp`` and ``pallas``); None:
         :func:`default_chunk_size`: ``jnp`` keeps one chunk's [N, Vc] f32 logits within
         :data:`CHUNK_BYTES`, the kernels one chunk's [N, Vc] ``dl`` in x's dtype within
         :data:`KERNEL_CHUNK_BYTES`.
+      ignore_index: None, or an int: rows whose label equals it count as ``where=False``
+        (loss 0, gradient 0, left out of the mean; ``-100`` for PyTorch's padding).
+      weight: None, or float per-row weights of (or broadcast to) the labels' shape: each
+        counted row's loss, and so its gradients, scaled by its weight before the
+        reduction (the mean still divides by the count of counted rows). Differentiable.
       impl: ``"auto"`` (pallas on GPU/TPU, jnp on CPU), ``"pallas"``, ``"jnp"`` (chunked,
         hand-written VJP) or ``"xla"`` (the logits materialized, JAX's autodiff).
 
     Returns:
-      losses of the labels' shape (``"none"``) or a scalar, in ``x.dtype`` (computed in
-      f32; f64 for f64 inputs on the xla and jnp paths). NaN on counted rows whose label is
-      outside ``[0, V)`` or whose logits hold ``+inf`` or NaN. Matmuls: IEEE f32 for f32,
-      bf16 operands with f32 accumulation for bf16 (``dl`` rounded to bf16 once before
-      the backward matmuls); ``dx`` and ``dW`` accumulate in f32.
+      losses of the labels' shape in ``x.dtype`` (``"none"``), or a scalar in float32
+      (float64 for f64 x); computed in f32 (f64 for f64 inputs on the xla and jnp
+      paths). NaN on counted rows whose label is outside ``[0, V)`` or whose logits
+      hold ``+inf`` or NaN. Matmuls: IEEE f32 for f32, bf16 operands with f32
+      accumulation for bf16 (``dl`` rounded to bf16 once before the backward matmuls);
+      ``dx`` and ``dW`` accumulate in f32.
 
     Raises:
       TypeError / ValueError: non-float x, w or b, non-integer labels, mismatched shapes
         (named in the message), out-of-range hyperparameters, bad reduction or impl.
       NotImplementedError: ``impl="pallas"`` for a case the kernels do not take (f64).
 
-    Equivalent to: ``reduce(optax.softmax_cross_entropy(z, (1 - a) one_hot(labels, V) + a / V)
-    + s * logsumexp(z, -1)**2)`` with ``z = cap * tanh((x @ w + b) / cap)`` (``x @ w + b``
-    without a cap), ``where=False`` rows 0.
+    Equivalent to: ``reduce(weight * (optax.softmax_cross_entropy(z, (1 - a) one_hot(labels,
+    V) + a / V) + s * logsumexp(z, -1)**2))`` with ``z = cap * tanh((x @ w + b) / cap)``
+    (``x @ w + b`` without a cap), ``where=False`` rows 0.
     """
     x, w, labels = jnp.asarray(x), jnp.asarray(w), label_array(labels)
     b = None if b is None else jnp.asarray(b)
@@ -586,8 +606,13 @@ def linear_softmax_cross_entropy_with_integer_labels(
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
     cap = _check_cap(logit_soft_cap)
+    ignored = ignored_rows(labels, check_ignore_index(ignore_index))
+    if ignored is not None:
+        where = ~ignored if where is None else where & ~ignored
+    weight = row_weights(weight, labels.shape)
     impl = resolve_impl(impl)
-    options = dict(b=b, where=where, label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=cap)
+    options = dict(b=b, where=where, label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=cap,
+                   weight=weight)
     if impl == "xla":
         return linear_softmax_cross_entropy_with_integer_labels_reference(x, w, labels, reduction=reduction,
                                                                           **options)
@@ -612,4 +637,4 @@ def linear_softmax_cross_entropy_with_integer_labels(
     static = (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("cap", cap), ("chunk", chunk))
     with reverse_mode_only(OP_NAME, impl):
         loss = _lce(x2, w, b, labels1, where1, static, impl)
-    return _reduce(loss.reshape(labels.shape), where, reduction).astype(x.dtype)
+    return _reduce(loss.reshape(labels.shape).astype(compute_dtype(x.dtype)), where, weight, reduction, x.dtype)

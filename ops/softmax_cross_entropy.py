@@ -563,6 +563,47 @@ def _label_minus_mean_logit_jvp(primals, tangents):
     return _label_minus_mean_logit(*primals), jnp.sum(weights * tangents[0], axis=-1)
 
 
+def check_ignore_index(ignore_index) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be None or a Python int, got {ignore_index!r:.80}")
+    return int(ignore_index)
+
+
+def ignored_rows(labels, ignore_index: int | None):
+    """bool of the labels' shape: True where the label equals ``ignore_index``, compared
+    without wrapping (-100 is no uint8 label), or None without ``ignore_index``."""
+    if ignore_index is None:
+        return None
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == jnp.asarray(ignore_index, labels.dtype)
+
+
+def row_weights(weight, labels_shape):
+    """``weight`` as a float array of the labels' shape, or None."""
+    if weight is None:
+        return None
+    weight = jnp.asarray(weight)
+    check_float("weight", weight)
+    try:
+        return jnp.broadcast_to(weight, labels_shape)
+    except ValueError:
+        raise ValueError(f"weight must have (or broadcast to) the labels' shape {labels_shape}, "
+                         f"got {weight.shape}") from None
+
+
+def apply_row_weights(loss, where, weight):
+    """Per-row losses times their weights (after the loss: the custom_vjp's cotangent
+    becomes ``g * weight``). Uncounted rows stay 0, and give ``weight`` a 0 gradient,
+    whatever their weight holds (NaN included)."""
+    if weight is None:
+        return loss
+    return jnp.where(True if where is None else where, loss * weight.astype(loss.dtype), 0.0)
+
+
 def _rows(logits, where):
     """[batch..., V] -> ([N, V], where bool [N])."""
     n = math.prod(logits.shape[:-1])
@@ -571,7 +612,8 @@ def _rows(logits, where):
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, impl="auto"
+    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, ignore_index=None, weight=None,
+    impl="auto",
 ):
     """Per-example softmax cross-entropy with integer labels, fused where possible.
 
@@ -593,12 +635,18 @@ def softmax_cross_entropy_with_integer_labels(
         per-class ``where``, ``(1 - a) onehot + a / K`` on the row's K unmasked classes
         (0 on the masked ones).
       z_loss: ``s >= 0``: adds ``s * logsumexp(logits)**2`` per example.
+      ignore_index: None, or an int: rows whose label equals it count as ``where=False``
+        (loss 0, gradient 0; ``-100`` for PyTorch's padding convention).
+      weight: None, or float per-row weights of (or broadcast to) the labels' shape: each
+        counted row's loss, and so its gradient, is scaled by its weight (differentiable;
+        uncounted rows stay 0 whatever their weight).
       impl: ``"auto"``, ``"pallas"``, ``"jnp"`` or ``"xla"``.
 
     Returns:
       losses of the labels' shape, in ``logits.dtype`` (computed in f32; f64 for f64
       logits on the xla and jnp paths). NaN on counted rows whose label is outside
-      ``[0, V)`` or whose logits hold ``+inf`` or NaN (see the README's semantics table).
+      ``[0, V)`` (``ignore_index`` aside) or whose logits hold ``+inf`` or NaN (see the
+      README's semantics table).
 
     Raises:
       TypeError / ValueError: non-float logits, non-integer labels, mismatched shapes, a
@@ -606,8 +654,8 @@ def softmax_cross_entropy_with_integer_labels(
       NotImplementedError: ``impl="pallas"`` for a dtype the kernels do not take (f64).
 
     Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis,
-    where)`` for ``a = s = 0``, and in general ``-sum(t * log_softmax(logits), axis) + s *
-    logsumexp(logits, axis)**2``.
+    where)`` for ``a = s = 0``, and in general ``weight * (-sum(t * log_softmax(logits), axis)
+    + s * logsumexp(logits, axis)**2)`` on the counted rows, 0 elsewhere.
     """
     logits, labels = jnp.asarray(logits), label_array(labels)
     _check_logits(logits)
@@ -615,8 +663,14 @@ def softmax_cross_entropy_with_integer_labels(
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {labels.shape})")
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
+    ignored = ignored_rows(labels, check_ignore_index(ignore_index))
+    weight = row_weights(weight, labels.shape)
     impl = resolve_impl(impl)
     logits2, labels, row_where, class_mask = _prepare(logits, labels, axis, where, labels_like_logits=False)
+    if ignored is not None:
+        # An ignored row counts as where=False (and leaves a class mask's smoothing).
+        row_where = ~ignored if row_where is None else row_where & ~ignored
+        class_mask = None if class_mask is None else class_mask & row_where[..., None]
     # Every impl reads int32 indices, -1 out of range: checked in a dtype that holds V and
     # the label (a uint8 label against V = 300, an int64 label >= 2**32 under x64).
     labels = class_indices(labels, logits2.shape[-1])
@@ -637,7 +691,7 @@ def softmax_cross_entropy_with_integer_labels(
         loss = loss.reshape(labels.shape).astype(ct)
     if spread:
         loss = loss + spread * _label_minus_mean_logit(logits2.astype(ct), labels, class_mask)
-    return loss.astype(logits.dtype)
+    return apply_row_weights(loss, row_where, weight).astype(logits.dtype)
 
 
 def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, impl="auto"):
