@@ -292,6 +292,30 @@ def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def class_indices(labels: jax.Array, v: int) -> jax.Array:
+    """Integer labels of any integer dtype -> int32 class indices, -1 for every label
+    outside ``[0, v)``: the one place the cross-entropy ops and kernels widen labels.
+
+    The range check never wraps: ``v`` is compared in the labels' own dtype only where
+    that dtype holds it (``v = 300`` is 44 in uint8, so a uint8 label is below 300
+    whatever it is), and the sign test only for signed dtypes. Only then is the label
+    narrowed or widened to int32, which holds every index in ``[0, v)``: an int64 label
+    ``2**32 + 1`` (x64) or a uint32 label ``2**31`` stays out of range instead of
+    wrapping to class 1 or to a negative number, and -1 is never unsigned (255 in uint8
+    would be a class at V > 255).
+    """
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {labels.shape})")
+    int32_max = int(jnp.iinfo(jnp.int32).max)
+    if v > int32_max + 1:
+        raise ValueError(f"V={v} classes do not fit int32 class indices (V <= 2**31)")
+    info = jnp.iinfo(labels.dtype)
+    valid = jnp.ones(labels.shape, bool) if info.min == 0 else labels >= 0
+    if v <= info.max:
+        valid = valid & (labels < jnp.asarray(v, labels.dtype))
+    return jnp.where(valid, labels.astype(jnp.int32), -1)
+
+
 def tpu_interpret(interpret: bool):
     """The ``interpret=`` argument of a Mosaic TPU ``pallas_call``.
 

@@ -54,10 +54,16 @@ from fusedvjp.ops._dispatch import (
     run_kernel,
     uses_kernels,
 )
+from fusedvjp.kernels._common import class_indices
 from fusedvjp.ops.softmax_cross_entropy import (
     _integer_label_loss,
     _manual,
     _merge_row_stats,
+    apply_row_weights,
+    check_ignore_index,
+    ignored_rows,
+    label_array,
+    row_weights,
     vocab_parallel_integer_loss,
 )
 
@@ -455,10 +461,13 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 # --- the xla reference and the public function ---------------------------------------------
 
 
-def _reduce(loss, where, reduction):
-    """Per-row losses [...] (compute dtype) -> ``reduction`` of them."""
+def _reduce(loss, where, weight, reduction, dtype):
+    """Per-row losses [...] (compute dtype) -> ``reduction`` of them: per-row losses in
+    ``dtype``, a sum or mean in the compute dtype (f32 from bf16: rounding the mean to
+    bf16 would cost 2**-9 relative, 14.375 for 14.349)."""
+    loss = apply_row_weights(loss, where, weight)
     if reduction == "none":
-        return loss
+        return loss.astype(dtype)
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
@@ -477,7 +486,7 @@ def _user_matmul(x, w):
 
 def linear_softmax_cross_entropy_with_integer_labels_reference(
     x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction="none",
-    axis_name=None,
+    weight=None, axis_name=None,
 ):
     """The ``impl="xla"`` path: the [..., V] logits materialized, differentiated by autodiff.
 
@@ -501,7 +510,7 @@ def linear_softmax_cross_entropy_with_integer_labels_reference(
     else:  # z is this device's slice of the vocabulary along axis_name
         loss = vocab_parallel_integer_loss(z, labels, where, label_smoothing, z_loss,
                                            _sharding.manual_axes(axis_name, OP_NAME))
-    return _reduce(loss, where, reduction).astype(x.dtype)
+    return _reduce(loss, where, weight, reduction, x.dtype)
 
 
 def _check_cap(logit_soft_cap) -> float | None:
@@ -545,7 +554,7 @@ def _check(x, w, b, labels, where, reduction, chunk_size):
 
 def linear_softmax_cross_entropy_with_integer_labels(
     x, w, labels, *, b=None, where=None, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
-    reduction="none", chunk_size=None, axis_name=None, impl="auto",
+    reduction="none", chunk_size=None, ignore_index=None, weight=None, axis_name=None, impl="auto",
 ):
     """Softmax cross-entropy of the logits ``x @ w + b`` without materializing them.
 
@@ -556,7 +565,8 @@ def linear_softmax_cross_entropy_with_integer_labels(
       x: ``[..., D]`` floating activations.
       w: ``[D, V]`` weights (Flax kernel layout). Cast to ``x.dtype`` (its gradient is
         returned in its own dtype).
-      labels: integer class indices in ``[0, V)``, of x's shape without D.
+      labels: integer class indices in ``[0, V)`` (any integer dtype; numpy and Python
+        integers are range-checked before conversion, so none wraps), of x's shape without D.
       b: ``[V]`` bias or None. Cast to ``x.dtype``.
       where: optional bool mask of (or broadcast to) the labels' shape: False rows get loss 0 and gradient
         0, whatever x holds there (NaN included), and leave the mean.
@@ -566,10 +576,17 @@ def linear_softmax_cross_entropy_with_integer_labels(
         (Gemma-2).
       reduction: ``"none"`` (per-example losses), ``"sum"``, or ``"mean"`` (over the
         ``where=True`` rows; NaN when there is none, as ``jnp.mean(loss, where=where)``).
+        A sum or mean is computed and returned in float32 (float64 for float64 x), also
+        from bf16 x.
       chunk_size: vocabulary columns per chunk (``jnp`` and ``pallas``); None:
         :func:`default_chunk_size`: ``jnp`` keeps one chunk's [N, Vc] f32 logits within
         :data:`CHUNK_BYTES`, the kernels one chunk's [N, Vc] ``dl`` in x's dtype within
         :data:`KERNEL_CHUNK_BYTES`.
+      ignore_index: None, or an int: rows whose label equals it count as ``where=False``
+        (loss 0, gradient 0, left out of the mean; ``-100`` for PyTorch's padding).
+      weight: None, or float per-row weights of (or broadcast to) the labels' shape: each
+        counted row's loss, and so its gradients, scaled by its weight before the
+        reduction (the mean still divides by the count of counted rows). Differentiable.
       axis_name: inside ``shard_map``, the mesh axis name (or tuple of names) the
         vocabulary is split over: ``w`` (and ``b``) hold this device's slice of the
         classes (the slices in axis-index order), ``labels`` are global class indices,
@@ -580,22 +597,23 @@ def linear_softmax_cross_entropy_with_integer_labels(
         hand-written VJP) or ``"xla"`` (the logits materialized, JAX's autodiff).
 
     Returns:
-      losses of the labels' shape (``"none"``) or a scalar, in ``x.dtype`` (computed in
-      f32; f64 for f64 inputs on the xla and jnp paths). NaN on counted rows whose label is
-      outside ``[0, V)`` or whose logits hold ``+inf`` or NaN. Matmuls: IEEE f32 for f32,
-      bf16 operands with f32 accumulation for bf16 (``dl`` rounded to bf16 once before
-      the backward matmuls); ``dx`` and ``dW`` accumulate in f32.
+      losses of the labels' shape in ``x.dtype`` (``"none"``), or a scalar in float32
+      (float64 for f64 x); computed in f32 (f64 for f64 inputs on the xla and jnp
+      paths). NaN on counted rows whose label is outside ``[0, V)`` or whose logits
+      hold ``+inf`` or NaN. Matmuls: IEEE f32 for f32, bf16 operands with f32
+      accumulation for bf16 (``dl`` rounded to bf16 once before the backward matmuls);
+      ``dx`` and ``dW`` accumulate in f32.
 
     Raises:
       TypeError / ValueError: non-float x, w or b, non-integer labels, mismatched shapes
         (named in the message), out-of-range hyperparameters, bad reduction or impl.
       NotImplementedError: ``impl="pallas"`` for a case the kernels do not take (f64).
 
-    Equivalent to: ``reduce(optax.softmax_cross_entropy(z, (1 - a) one_hot(labels, V) + a / V)
-    + s * logsumexp(z, -1)**2)`` with ``z = cap * tanh((x @ w + b) / cap)`` (``x @ w + b``
-    without a cap), ``where=False`` rows 0.
+    Equivalent to: ``reduce(weight * (optax.softmax_cross_entropy(z, (1 - a) one_hot(labels,
+    V) + a / V) + s * logsumexp(z, -1)**2))`` with ``z = cap * tanh((x @ w + b) / cap)``
+    (``x @ w + b`` without a cap), ``where=False`` rows 0.
     """
-    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), label_array(labels)
     b = None if b is None else jnp.asarray(b)
     where = None if where is None else jnp.asarray(where)
     _check(x, w, b, labels, where, reduction, chunk_size)
@@ -608,9 +626,14 @@ def linear_softmax_cross_entropy_with_integer_labels(
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
     cap = _check_cap(logit_soft_cap)
+    ignored = ignored_rows(labels, check_ignore_index(ignore_index))
+    if ignored is not None:
+        where = ~ignored if where is None else where & ~ignored
+    weight = row_weights(weight, labels.shape)
     impl = resolve_impl(impl)
     vocab_axes = _sharding.manual_axes(axis_name, OP_NAME)
-    options = dict(b=b, where=where, label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=cap)
+    options = dict(b=b, where=where, label_smoothing=label_smoothing, z_loss=z_loss, logit_soft_cap=cap,
+                   weight=weight)
     if impl == "xla":
         return linear_softmax_cross_entropy_with_integer_labels_reference(x, w, labels, reduction=reduction,
                                                                           axis_name=vocab_axes, **options)
@@ -623,11 +646,10 @@ def linear_softmax_cross_entropy_with_integer_labels(
     # Uncounted rows are zeroed before the custom_vjp: whatever they hold cannot reach the
     # logits, and this where's transpose gives them a 0 cotangent.
     x2 = jnp.where(where1[:, None], x.reshape(n, d), 0.0)
-    # Out-of-range labels become -1 before the int32 cast: an int64 label >= 2**32 must
-    # not wrap into a valid class.
-    labels1 = labels.reshape(n)
-    v_total = v * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes))
-    labels1 = jnp.where((labels1 >= 0) & (labels1 < v_total), labels1, -1).astype(jnp.int32)
+    # int32 indices, -1 out of range, checked before any narrowing (a uint8 label against
+    # V = 300, an int64 label >= 2**32 under x64); under axis_name, w holds one slice of
+    # the vocabulary and labels index the whole of it.
+    labels1 = class_indices(labels.reshape(n), v * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes)))
     if chunk_size is None:
         kernels = uses_kernels(impl)
         chunk = default_chunk_size(n, v, jnp.dtype(x.dtype).itemsize if kernels else 4,
@@ -638,4 +660,4 @@ def linear_softmax_cross_entropy_with_integer_labels(
               ("vocab_axes", vocab_axes))
     with reverse_mode_only(OP_NAME, impl):
         loss = _lce(x2, w, b, labels1, where1, static, impl)
-    return _reduce(loss.reshape(labels.shape), where, reduction).astype(x.dtype)
+    return _reduce(loss.reshape(labels.shape).astype(compute_dtype(x.dtype)), where, weight, reduction, x.dtype)

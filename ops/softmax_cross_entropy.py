@@ -20,7 +20,12 @@ and the backward would otherwise read the [N, V] labels twice.
 
 Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in closed form
 ``loss = lse - (1 - a) x_y - (a / V) sum_j x_j``. The z-loss ``s * lse**2`` (PaLM/T5X) adds
-``2 s lse p`` to the gradient (``d lse / d x = p``).
+``2 s lse p`` to the gradient (``d lse / d x = p``). Labels of any integer dtype become
+int32 indices in one place (``kernels._common.class_indices``), checked against V before
+any narrowing, and numpy / Python labels before ``jnp.asarray`` could wrap them. With a
+per-class ``where`` (mask ``c``, K unmasked classes in the row) the masked classes leave
+the softmax and the smoothing: ``t = (1 - a) onehot(y) + (a / K) c``, computed as the
+unsmoothed loss plus the linear ``a (x_y - mean_c x)``.
 
 Conventions (the README's semantics table says them for users): ``where=False`` rows have
 loss 0 and gradient 0 whatever they hold (NaN, ``inf``). A label outside [0, V) on a row
@@ -39,7 +44,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fusedvjp.kernels._common import class_indices
 from fusedvjp.ops import _sharding
 from fusedvjp.ops._dispatch import (
     check_float,
@@ -90,9 +97,10 @@ def _integer_label_loss(x, labels, where, label_smoothing, z_loss):
     ~5e-4 there).
     """
     v = x.shape[-1]
+    labels = class_indices(labels, v)  # any integer dtype; -1 for a label outside [0, V)
     x, counted = _counted_rows(x, where)
     m, log_s = _split_logsumexp(x)
-    valid = (labels >= 0) & (labels < v)
+    valid = labels >= 0
     # x_y as a masked row sum rather than a gather: exact (one nonzero term), and a sum
     # over a vocabulary split across devices partitions into a psum of [...] vectors,
     # where a gather from a split axis has no sharding rule. No class (V = 0) sums to 0.
@@ -323,7 +331,7 @@ def vocab_parallel_integer_loss(x, labels, where, label_smoothing, z_loss, axes)
     x's compute dtype; the slice statistics merged by pmax/psum, in plain jnp,
     differentiated by JAX."""
     v = x.shape[-1] * _sharding.axes_size(axes)
-    labels = jnp.where((labels >= 0) & (labels < v), labels, -1).astype(jnp.int32)
+    labels = class_indices(labels, v)  # global classes: -1 outside [0, V), any integer dtype
     where = jnp.ones(labels.shape, bool) if where is None else where
     local = _int_forward_local({"v": axes}, None, False, label_smoothing=label_smoothing, z_loss=z_loss)
     return local(x, labels, where)[0]
@@ -542,7 +550,7 @@ def _masks(where, logits_shape, axes):
 
 def _prepare(logits, labels, axis, where, *, labels_like_logits: bool):
     """Checks, moves the class axes last, applies a class mask: -> (logits [batch..., V],
-    labels, row_where [batch...] or None)."""
+    labels, row_where [batch...] or None, class_mask [batch..., V] or None)."""
     axes = _class_axes(axis, logits.shape)
     row_where, class_mask = _masks(where, logits.shape, axes)
     logits2 = _classes_last(logits, axes)
@@ -559,7 +567,96 @@ def _prepare(logits, labels, axis, where, *, labels_like_logits: bool):
         logits2 = jnp.where(class_mask, logits2, -jnp.inf)
         if labels_like_logits:
             labels = jnp.where(class_mask, labels, 0)
-    return logits2, labels, row_where
+    return logits2, labels, row_where, class_mask
+
+
+def label_array(labels) -> jax.Array:
+    """``labels`` as a jax array, without letting ``jnp.asarray`` wrap a concrete label.
+
+    Without x64, ``jnp.asarray`` narrows numpy / Python 64-bit integers to 32 bits:
+    ``2**32 + 1`` would become 1, a valid class. A concrete label outside ``[0, 2**31)``
+    cannot be a class index (V <= 2**31), so it becomes -1 first: the out-of-range NaN
+    row, as under x64. Traced and jax arrays (already 32-bit without x64) pass through.
+    """
+    if isinstance(labels, jax.Array) or jax.config.jax_enable_x64:
+        return jnp.asarray(labels)
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.dtype.itemsize > 4:
+        in_int32 = labels <= np.iinfo(np.int32).max
+        if labels.dtype.kind == "i":
+            in_int32 &= labels >= 0
+        labels = np.where(in_int32, labels.astype(np.int32), np.int32(-1))  # astype wraps only what -1 replaces
+    return jnp.asarray(labels)
+
+
+@jax.custom_jvp
+def _label_minus_mean_logit(x, labels, class_mask):
+    """x [..., V] (masked classes -inf), labels int32 [...], class_mask bool [..., V] ->
+    ``x_y - (1/K) sum_{j unmasked} x_j`` per row, K the row's count of unmasked classes.
+
+    The smoothing of a class-masked row (see the public function). Written as
+    ``(1/K) sum_{j unmasked} (x_y - x_j)``: differences of logits, so no two sums of size
+    ``V |x|`` cancel. 0 on a row with no class left (K = 0: it does not count) and where
+    ``x_y = -inf`` (a label on a masked class: the loss is +inf through its other term,
+    and ``-inf`` here would make that ``inf - inf``). An unmasked ``-inf`` logit gives
+    ``+inf`` (smoothing puts mass on it). Linear in x: the JVP's weights ``[j == y] - c_j / K``
+    hold on every row, the ``x_y = -inf`` ones included.
+    """
+    k = jnp.sum(class_mask, axis=-1)
+    label_logit = jnp.sum(jnp.where(jnp.arange(x.shape[-1]) == labels[..., None], x, 0.0), axis=-1)
+    total = jnp.sum(jnp.where(class_mask, label_logit[..., None] - x, 0.0), axis=-1)
+    keep = (k > 0) & ~jnp.isneginf(label_logit)
+    return jnp.where(keep, total / jnp.maximum(k, 1).astype(x.dtype), 0.0)
+
+
+@_label_minus_mean_logit.defjvp
+def _label_minus_mean_logit_jvp(primals, tangents):
+    x, labels, class_mask = primals
+    k = jnp.maximum(jnp.sum(class_mask, axis=-1, keepdims=True), 1).astype(x.dtype)
+    weights = (jnp.arange(x.shape[-1]) == labels[..., None]).astype(x.dtype) - class_mask / k
+    weights = jnp.where(jnp.any(class_mask, axis=-1, keepdims=True), weights, 0.0)
+    return _label_minus_mean_logit(*primals), jnp.sum(weights * tangents[0], axis=-1)
+
+
+def check_ignore_index(ignore_index) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be None or a Python int, got {ignore_index!r:.80}")
+    return int(ignore_index)
+
+
+def ignored_rows(labels, ignore_index: int | None):
+    """bool of the labels' shape: True where the label equals ``ignore_index``, compared
+    without wrapping (-100 is no uint8 label), or None without ``ignore_index``."""
+    if ignore_index is None:
+        return None
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == jnp.asarray(ignore_index, labels.dtype)
+
+
+def row_weights(weight, labels_shape):
+    """``weight`` as a float array of the labels' shape, or None."""
+    if weight is None:
+        return None
+    weight = jnp.asarray(weight)
+    check_float("weight", weight)
+    try:
+        return jnp.broadcast_to(weight, labels_shape)
+    except ValueError:
+        raise ValueError(f"weight must have (or broadcast to) the labels' shape {labels_shape}, "
+                         f"got {weight.shape}") from None
+
+
+def apply_row_weights(loss, where, weight):
+    """Per-row losses times their weights (after the loss: the custom_vjp's cotangent
+    becomes ``g * weight``). Uncounted rows stay 0, and give ``weight`` a 0 gradient,
+    whatever their weight holds (NaN included)."""
+    if weight is None:
+        return loss
+    return jnp.where(True if where is None else where, loss * weight.astype(loss.dtype), 0.0)
 
 
 def _rows(logits, where):
@@ -570,7 +667,8 @@ def _rows(logits, where):
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, axis_name=None, impl="auto"
+    logits, labels, axis=-1, where=None, *, label_smoothing=0.0, z_loss=0.0, ignore_index=None, weight=None,
+    axis_name=None, impl="auto",
 ):
     """Per-example softmax cross-entropy with integer labels, fused where possible.
 
@@ -580,14 +678,23 @@ def softmax_cross_entropy_with_integer_labels(
     Args:
       logits: floating logits, the classes along ``axis`` (may contain ``-inf`` for
         masked entries).
-      labels: integer class indices in ``[0, V)``, of the logits' shape without the class
-        axes; with a tuple ``axis`` an index is flat over the class axes in that order.
+      labels: integer class indices in ``[0, V)`` (any integer dtype; numpy and Python
+        integers are range-checked before conversion, so none wraps), of the logits' shape
+        without the class axes; with a tuple ``axis`` an index is flat over the class axes
+        in that order.
       axis: the class axis, or a tuple of them (optax's meaning).
       where: optional bool mask: of the labels' shape (per row; False rows get loss 0 and
         gradient 0) or of the logits' rank, broadcast against them (per class; masked
-        classes leave the softmax, a row with none left counts as False).
-      label_smoothing: ``a`` in ``[0, 1)``: target ``(1 - a) onehot + a / V``.
+        classes leave the softmax and the smoothing, a row with none left counts as False).
+      label_smoothing: ``a`` in ``[0, 1)``: target ``(1 - a) onehot + a / V``; with a
+        per-class ``where``, ``(1 - a) onehot + a / K`` on the row's K unmasked classes
+        (0 on the masked ones).
       z_loss: ``s >= 0``: adds ``s * logsumexp(logits)**2`` per example.
+      ignore_index: None, or an int: rows whose label equals it count as ``where=False``
+        (loss 0, gradient 0; ``-100`` for PyTorch's padding convention).
+      weight: None, or float per-row weights of (or broadcast to) the labels' shape: each
+        counted row's loss, and so its gradient, is scaled by its weight (differentiable;
+        uncounted rows stay 0 whatever their weight).
       axis_name: inside ``shard_map``, the mesh axis name (or tuple of names) the
         vocabulary is split over: ``logits`` is this device's slice of the classes (the
         slices in axis-index order), ``labels`` are global class indices, and the op
@@ -598,7 +705,8 @@ def softmax_cross_entropy_with_integer_labels(
     Returns:
       losses of the labels' shape, in ``logits.dtype`` (computed in f32; f64 for f64
       logits on the xla and jnp paths). NaN on counted rows whose label is outside
-      ``[0, V)`` or whose logits hold ``+inf`` or NaN (see the README's semantics table).
+      ``[0, V)`` (``ignore_index`` aside) or whose logits hold ``+inf`` or NaN (see the
+      README's semantics table).
 
     Raises:
       TypeError / ValueError: non-float logits, non-integer labels, mismatched shapes, a
@@ -606,35 +714,49 @@ def softmax_cross_entropy_with_integer_labels(
       NotImplementedError: ``impl="pallas"`` for a dtype the kernels do not take (f64).
 
     Equivalent to: ``optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis,
-    where)`` for ``a = s = 0``, and in general ``-sum(t * log_softmax(logits), axis) + s *
-    logsumexp(logits, axis)**2``.
+    where)`` for ``a = s = 0``, and in general ``weight * (-sum(t * log_softmax(logits), axis)
+    + s * logsumexp(logits, axis)**2)`` on the counted rows, 0 elsewhere.
     """
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    logits, labels = jnp.asarray(logits), label_array(labels)
     _check_logits(logits)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype} (shape {labels.shape})")
     label_smoothing = check_static_float("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_static_float("z_loss", z_loss, 0.0, math.inf)
+    ignored = ignored_rows(labels, check_ignore_index(ignore_index))
+    weight = row_weights(weight, labels.shape)
     impl = resolve_impl(impl)
     vocab_axes = _vocab_axes(axis_name, axis, where, logits, "softmax_cross_entropy_with_integer_labels")
-    logits2, labels, row_where = _prepare(logits, labels, axis, where, labels_like_logits=False)
-    if impl == "xla":
-        if vocab_axes is not None:
-            loss = vocab_parallel_integer_loss(logits2.astype(compute_dtype(logits.dtype)), labels, row_where,
-                                               label_smoothing, z_loss, vocab_axes)
-            return loss.astype(logits.dtype)
-        return softmax_cross_entropy_with_integer_labels_reference(
-            logits2, labels, where=row_where, label_smoothing=label_smoothing, z_loss=z_loss
-        )
-    x, where1 = _rows(logits2, row_where)
-    v = x.shape[-1] * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes))
-    # Out-of-range labels become -1 *before* the int32 cast, so that an int64 label
-    # >= 2**32 (x64 mode) cannot wrap into a valid class: it stays out of range (NaN).
-    labels1 = labels.reshape(-1)
-    labels1 = jnp.where((labels1 >= 0) & (labels1 < v), labels1, -1).astype(jnp.int32)
-    with reverse_mode_only("softmax_cross_entropy_with_integer_labels", impl):
-        loss = _int_xent(x, labels1, where1, label_smoothing, z_loss, impl, vocab_axes)
-    return loss.reshape(labels.shape).astype(logits.dtype)
+    logits2, labels, row_where, class_mask = _prepare(logits, labels, axis, where, labels_like_logits=False)
+    if ignored is not None:
+        # An ignored row counts as where=False (and leaves a class mask's smoothing).
+        row_where = ~ignored if row_where is None else row_where & ~ignored
+        class_mask = None if class_mask is None else class_mask & row_where[..., None]
+    # Every impl reads int32 indices, -1 out of range: checked in a dtype that holds V and
+    # the label (a uint8 label against V = 300, an int64 label >= 2**32 under x64). Under
+    # axis_name the logits are one slice and V is the whole vocabulary's.
+    v = logits2.shape[-1] * (1 if vocab_axes is None else _sharding.axes_size(vocab_axes))
+    labels = class_indices(labels, v)
+    # Smoothing with a class mask: masked classes left the softmax (log p = -inf there),
+    # so the smoothing mass goes to the row's K unmasked classes, t = (1 - a) onehot(y) +
+    # (a / K) c. Its loss lse - (1 - a) x_y - (a / K) sum_c x_j (+ s lse^2) is the
+    # unsmoothed loss lse - x_y (+ s lse^2) plus a (x_y - mean_c x): the ops below run
+    # unsmoothed and _label_minus_mean_logit adds the linear rest; its gradient
+    # a (onehot - c / K) makes the sum's gradient p - t. (axis_name= takes no class mask.)
+    spread = label_smoothing if class_mask is not None else 0.0
+    ct = compute_dtype(logits.dtype)
+    if impl == "xla" and vocab_axes is not None:
+        loss = vocab_parallel_integer_loss(logits2.astype(ct), labels, row_where, label_smoothing, z_loss, vocab_axes)
+    elif impl == "xla":
+        loss, _ = _integer_label_loss(logits2.astype(ct), labels, row_where, label_smoothing - spread, z_loss)
+    else:
+        x, where1 = _rows(logits2, row_where)
+        with reverse_mode_only("softmax_cross_entropy_with_integer_labels", impl):
+            loss = _int_xent(x, labels.reshape(-1), where1, label_smoothing - spread, z_loss, impl, vocab_axes)
+        loss = loss.reshape(labels.shape).astype(ct)
+    if spread:
+        loss = loss + spread * _label_minus_mean_logit(logits2.astype(ct), labels, class_mask)
+    return apply_row_weights(loss, row_where, weight).astype(logits.dtype)
 
 
 def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, axis_name=None, impl="auto"):
@@ -672,7 +794,7 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None, *, axis_name=None
     check_float("labels", labels)
     impl = resolve_impl(impl)
     vocab_axes = _vocab_axes(axis_name, axis, where, logits, "softmax_cross_entropy")
-    logits2, labels2, row_where = _prepare(logits, labels, axis, where, labels_like_logits=True)
+    logits2, labels2, row_where, _ = _prepare(logits, labels, axis, where, labels_like_logits=True)
     if impl == "xla" and vocab_axes is None:
         return softmax_cross_entropy_reference(logits2, labels2, where=row_where)
     x, where1 = _rows(logits2, row_where)

@@ -30,6 +30,8 @@ X64_PART = (
     ("tests/test_ops_layer_norm.py", None),
     ("tests/test_ops_rms_norm.py", None),
     ("tests/test_semantics.py", None),
+    ("tests/test_xent_labels.py", None),
+    ("tests/test_xent_options.py", None),
     ("tests/test_fair_baseline.py", None),
 )
 

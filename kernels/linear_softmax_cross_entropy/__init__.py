@@ -73,9 +73,8 @@ def _check_cap(logit_soft_cap) -> float | None:
 
 def _local_labels(labels: jax.Array, v: int) -> jax.Array:
     # A label outside [0, Vc) belongs to another chunk: -1 matches no column, not even
-    # one of the tail tile's columns past Vc.
-    labels = labels.astype(jnp.int32)
-    return jnp.where((labels >= 0) & (labels < v), labels, -1)
+    # one of the tail tile's columns past Vc. Checked before any narrowing to int32.
+    return _common.class_indices(labels, v)
 
 
 def _impls(kernel: str, **static):

@@ -112,16 +112,20 @@ def _num_classes(num_classes, v: int) -> int:
     return int(num_classes)
 
 
-def _kernel_labels(labels: jax.Array, prob_labels: bool) -> jax.Array:
-    """Labels as the kernels read them: int32 class indices, or probabilities of >= 2 bytes.
+def _kernel_labels(labels: jax.Array, prob_labels: bool, v: int) -> jax.Array:
+    """Labels as the kernels read them: int32 class indices (-1 for a label outside
+    ``[0, V)``, checked before any narrowing: ``_common.class_indices``), or probabilities
+    of >= 2 bytes.
 
-    1-byte probabilities (float8) are widened to bf16, which holds every float8 value
+    A label of another shard (``vocab_shard``), ``y >= V_local``, would otherwise match a
+    column of the tail block past the array (x = -inf there) and make label_logit -inf;
+    -1 matches none. 1-byte probabilities (float8) are widened to bf16, which holds every float8 value
     exactly. The Pallas Triton lowering switches element offsets to 64 bits only for
     arrays over 2**32 *bytes*; a 1-byte [N, V] array of 2**31..2**32 elements would get
     32-bit offsets and wrap (tests/test_offsets.py guards this).
     """
     if not prob_labels:
-        return labels.astype(jnp.int32)
+        return _common.class_indices(labels, v)
     return labels.astype(jnp.bfloat16) if jnp.dtype(labels.dtype).itemsize == 1 else labels
 
 
@@ -157,7 +161,8 @@ def softmax_cross_entropy_fwd(
 
     Args:
       logits: [N, V] float32 or bfloat16.
-      labels: integer [N] class indices, or floating [N, V] target probabilities (then
+      labels: integer [N] class indices (any integer dtype, range-checked before the
+        int32 cast), or floating [N, V] target probabilities (then
         ``label_smoothing`` and ``z_loss`` must be 0). An index outside [0, V) gives a NaN
         loss (without ``vocab_shard``).
       where: bool [N]; rows that are False get loss 0.
@@ -221,11 +226,7 @@ def softmax_cross_entropy_fwd(
         vocab_shard=vocab_shard,
     )
     impls = {name: functools.partial(module.fwd, **options) for name, module in _BACKENDS.items()}
-    labels = _kernel_labels(labels, prob_labels)
-    if vocab_shard and not prob_labels:
-        # A label of another shard, y >= V_local, would match a column of the tail block
-        # past the array (x = -inf there) and make label_logit -inf; -1 matches none.
-        labels = jnp.where(labels < v, labels, -1)
+    labels = _kernel_labels(labels, prob_labels, v)
     return _common.platform_dispatch(
         impls, logits, labels, where.astype(jnp.int32), backend=backend, op_name=_OP_NAME
     )
@@ -293,7 +294,7 @@ def softmax_cross_entropy_bwd(
         if a.shape != (n,):
             raise ValueError(f"{name} must be [N]={n,}, got shape {a.shape}")
     _common.check_block_sizes(block_sizes, CrossEntropyBlockSizes, backend, n, v)
-    labels = _kernel_labels(labels, prob_labels)
+    labels = _kernel_labels(labels, prob_labels, v)
     options = dict(
         block_sizes=block_sizes,
         num_classes=num_classes,
