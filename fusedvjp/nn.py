@@ -151,8 +151,7 @@ class LinearCrossEntropy(nnx.Module):
         at call time).
       use_bias: whether there is a ``[V]`` bias (default False, as LM heads have none).
       label_smoothing, z_loss, logit_soft_cap, chunk_size: the op's options, fixed per module.
-      ignore_index: labels equal to it count as ``where=False`` (the op's option; passed only
-        when set).
+      ignore_index: labels equal to it count as ``where=False`` (the op's option).
       dtype, param_dtype, kernel_init, bias_init, rngs, kernel_metadata, bias_metadata: as nnx.Linear.
       impl: passed to the op.
     """
@@ -189,34 +188,25 @@ class LinearCrossEntropy(nnx.Module):
                              f"got {tuple(kernel.shape)} (an [V, D] embedding table needs .T)")
         return flax_dtypes.promote_dtype((x, kernel, _value(self.bias)), dtype=self.dtype)
 
-    def __call__(self, x, labels, *, where=None, reduction: str = "mean", weight=None, kernel=None,
-                 return_stats: bool = False):
+    def __call__(self, x, labels, *, where=None, reduction: str = "mean", weight=None, kernel=None):
         """The loss.
 
         Args:
           x: ``[..., D]`` activations. labels: integer ``[...]``.
           where: bool ``[...]`` rows to count (False rows: loss 0, gradient 0).
           reduction: ``"mean"`` (over counted rows), ``"sum"`` or ``"none"``.
-          weight: float per-row weights ``[...]`` (the op's option; passed only when given).
+          weight: float per-row weights ``[...]`` (loss and gradients scaled per row).
           kernel: the ``[D, V]`` kernel for a module built with ``use_kernel=False``.
-          return_stats: also return the op's per-row statistics (passed only when True).
 
         Returns:
-          the op's result: the loss (a scalar, or ``[...]`` for ``"none"``), or ``(loss, stats)``.
+          the op's loss: a float32 scalar (float64 for float64 x) for ``"sum"``/``"mean"``,
+          ``[...]`` in x's dtype for ``"none"``.
         """
         x, kernel, bias = self._operands(x, kernel)
-        # The newer options go to the op only when set, so their defaults are the op's own.
-        extra = {}
-        if self.ignore_index is not None:
-            extra["ignore_index"] = self.ignore_index
-        if weight is not None:
-            extra["weight"] = weight
-        if return_stats:
-            extra["return_stats"] = True
         return ops.linear_softmax_cross_entropy_with_integer_labels(
             x, kernel, labels, b=bias, where=where, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             logit_soft_cap=self.logit_soft_cap, reduction=reduction, chunk_size=self.chunk_size,
-            impl=self.impl, **extra)
+            ignore_index=self.ignore_index, weight=weight, impl=self.impl)
 
     def logits(self, x, *, kernel=None):
         """The [..., V] logits ``cap·tanh((x @ kernel + bias)/cap)`` materialized (for sampling,
