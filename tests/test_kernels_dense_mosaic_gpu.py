@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ABSTRACT_DEVICES, lower_for, randn
+from fusedvjp.kernels import _common
 from fusedvjp.kernels.dense import mosaic_gpu as mg
 
 # (M, K, N). With TILES every kernel has several output tiles, and:
@@ -78,7 +79,7 @@ def _inputs(rng, m, k, n, has_bias):
 def few_sms(monkeypatch):
     # 3 CTAs for 4..8 output tiles: each CTA loops over several tiles (the persistent
     # grid), unevenly, and the operand ring and epilogue buffers are reused across tiles.
-    monkeypatch.setattr(mg, "NUM_SMS", 3)
+    monkeypatch.setattr(_common, "num_sms", lambda: 3)
 
 
 OPTIONS = {"bias_tanh": (True, "tanh"), "plain": (False, None), "bias": (True, None), "tanh": (False, "tanh")}
