@@ -89,6 +89,7 @@ CASES = [(s, o) for s in SHAPES for o in ("bias_tanh", "plain")] + [("overhang",
 
 
 @pytest.mark.usefixtures("few_sms")
+@pytest.mark.sample("shape_name", "options")  # every tiling and every epilogue
 @pytest.mark.parametrize(("shape_name", "options"), CASES, ids=[f"{s}-{o}" for s, o in CASES])
 def test_matches_float64_oracle(rng, shape_name, options):
     (m, k, n), (has_bias, activation) = SHAPES[shape_name], OPTIONS[options]
