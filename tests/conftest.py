@@ -93,9 +93,9 @@ def float64_oracle(fn, *args, **kwargs):
 # that still show every value of each named axis at least once -- for 4 shapes x 2 dtypes,
 # 4 cases, each shape once and each dtype twice, instead of 8. The other cases are marked
 # `slow`: CI's slow tier runs the whole cross product. The choice is deterministic (greedy
-# set cover, each group starting one case further along than the last, so sibling groups
-# -- the same op on another impl -- pair the axes' values differently), so a default-tier
-# failure replays with the same cases.
+# set cover, ties broken from a start hashed from the group's first test id, so sibling
+# groups -- the same op on another impl -- pair the axes' values differently) and depends
+# on the group alone: a default-tier case runs whichever files are selected.
 # Only interpret mode samples (the default backend is the CPU): on a GPU or TPU (the device
 # check) every case stays in the default tier, compiled for the device.
 
@@ -135,8 +135,8 @@ def pytest_collection_modifyitems(config, items):
         axes = tuple(marker.args)
         rest = tuple(sorted((k, _param_key(v)) for k, v in callspec.params.items() if k not in axes))
         groups.setdefault((item.path, item.originalname, axes, rest), []).append(item)
-    for start, ((_, _, axes, _), group) in enumerate(groups.items()):
-        keep = _covering_sample(group, axes, start)
+    for (_, _, axes, _), group in groups.items():
+        keep = _covering_sample(group, axes, zlib.crc32(group[0].nodeid.encode()))
         for i, item in enumerate(group):
             if i not in keep:
                 item.add_marker(pytest.mark.slow)
