@@ -218,10 +218,6 @@ def _importable(module: str) -> str | None:
     return None
 
 
-def _version(module: str) -> str:
-    return str(getattr(sys.modules.get(module), "__version__", "?"))
-
-
 def _torch_ok(platform: str, named: bool) -> str | None:
     why = _importable("torch")
     if why:

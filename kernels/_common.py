@@ -214,10 +214,11 @@ def _dispatch(impls, args, candidates_for, op_name, backend):
 # --- Triton compiler parameters -------------------------------------------------------
 #
 # JAX 0.11 deprecates the Pallas Triton lowering (in favour of Mosaic GPU) and warns on
-# every lowering. Our GPU kernels use it on purpose until the Mosaic GPU backends land, so
-# the warning would only be noise to our users -- but it must keep reaching code that
-# is *not* ours. It is raised inside the lowering rule, long after our Python frames
-# have returned, so a ``catch_warnings`` around our call cannot reach it. Instead our
+# every lowering. Our Triton kernels use it on purpose: they serve every GPU case the
+# Mosaic GPU kernels do not (non-Hopper GPUs, f32, every op but dense), so the warning
+# would only be noise to our users -- but it must keep reaching code that is *not* ours.
+# It is raised inside the lowering rule, long after our Python frames have returned, so
+# a ``catch_warnings`` around our call cannot reach it. Instead our
 # kernels pass a private subclass of the Triton params, whose lowering rule is the
 # stock one run under a filter for that one message: other users' Triton kernels still
 # warn. If JAX's internals move, we fall back to the stock params (and the warning).
@@ -452,6 +453,25 @@ def is_hopper() -> bool:
     return device.platform == "gpu" and any(k in str(device.device_kind) for k in HOPPER_KINDS)
 
 
+# The CPU interpreter has no SMs: interpret mode (and lowering for "cuda" with no GPU
+# known) sizes SM-bound grids and tiles as for an H100 SXM's 132.
+INTERPRET_SMS = 132
+
+
+def num_sms() -> int:
+    """The streaming multiprocessors of the GPU being traced for: the abstract mesh's
+    device's ``num_cores`` (JAX fills it from a GPU's ``core_count``; a compile-only
+    topology's comes from its target spec, ``core_count`` in ``bench/gpu_targets/*.txtpb``),
+    else the default device's ``core_count``; ``INTERPRET_SMS`` when neither is a GPU."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None:
+        cores = device.num_cores if device.platform == "gpu" else None
+    else:
+        device = jax.devices()[0]
+        cores = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(cores) if cores else INTERPRET_SMS
+
+
 @dataclasses.dataclass
 class TuningSession:
     """What :func:`tuning_session` yields: the lookups made while it was active.
@@ -525,9 +545,3 @@ def tuned_block_sizes(cls: type, kernel: str, dims: tuple[int, ...], dtype, back
         session.lookups.append({**record, "device_kind": kind, "source": "table" if found else "heuristic",
                                 "config": dataclasses.asdict(found) if found else None})
     return found
-
-
-def tuning_entry(kernel: str, dims: tuple[int, ...], dtype, backend: str) -> dict | None:
-    """The table entry (``config`` and its ``evidence``) for this case on the current
-    device, or None."""
-    return tuning_table().get(device_kind(), {}).get(tuning_key(kernel, dims, dtype, backend))

@@ -12,10 +12,8 @@ loss collapses it. The residual is the row's logsumexp in two f32 parts,
 ``lse = m + log_s`` with ``m = max_j x_j`` and ``log_s = log sum_j exp(x_j - m)``: with it
 the backward recomputes ``p = exp((x - m) - log_s)`` (and ``log p``, for the labels'
 gradient) from the logits it reads anyway, so no [N, V] probability tensor is kept
-between the passes. Not one f32 ``lse``: its rounding, up to ``2**-24 |lse|`` (6e-4 at
-``|x| ~ 1e4``), would be a relative error of every ``p``, while ``x - m`` is exact
-(Sterbenz) wherever ``p`` is not negligible and ``log_s <= log V`` rounds by ~1e-6.
-Probability labels add ``sum_j t_j`` per row to the residual: the forward sums it anyway,
+between the passes (two parts, not one f32 ``lse``: why in the docstring of
+``kernels/softmax_cross_entropy``). Probability labels add ``sum_j t_j`` per row to the residual: the forward sums it anyway,
 and the backward would otherwise read the [N, V] labels twice.
 
 Integer labels: ``t = (1 - a) onehot(y) + a / V`` (label smoothing ``a``), in closed form

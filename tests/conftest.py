@@ -84,6 +84,64 @@ def float64_oracle(fn, *args, **kwargs):
         return jax.tree.map(lambda o: np.asarray(o, np.float64), out)
 
 
+# --- the default tier and the slow tier: sampled cross products --------------------------
+#
+# `pytest -m "not slow"` (the README's command) is the default tier; `pytest -m slow` the
+# rest. A test marked `@pytest.mark.sample("shape", "dname")` (or a module with
+# `pytestmark = pytest.mark.sample(...)`) keeps in the default tier, for each combination of
+# its *other* parameters (the op, impl, backend, options: the code path), the fewest cases
+# that still show every value of each named axis at least once -- for 4 shapes x 2 dtypes,
+# 4 cases, each shape once and each dtype twice, instead of 8. The other cases are marked
+# `slow`: CI's slow tier runs the whole cross product. The choice is deterministic (greedy
+# set cover, ties broken from a start hashed from the group's first test id, so sibling
+# groups -- the same op on another impl -- pair the axes' values differently) and depends
+# on the group alone: a default-tier case runs whichever files are selected.
+# Only interpret mode samples (the default backend is the CPU): on a GPU or TPU (the device
+# check) every case stays in the default tier, compiled for the device.
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "sample(*axes): default tier keeps a covering sample of these parameter axes, "
+        "the rest go to the slow tier (tests/conftest.py)")
+
+
+def _param_key(value) -> str:
+    return repr(value)
+
+
+def _covering_sample(items, axes, start: int) -> set[int]:
+    """Indices of few ``items`` (greedy set cover; ties go to the first from ``start`` on)
+    whose values on ``axes`` cover every value the items have."""
+    values = [{(a, _param_key(item.callspec.params.get(a))) for a in axes} for item in items]
+    uncovered = set().union(*values)
+    keep = set()
+    while uncovered:
+        best = max(range(len(items)), key=lambda i: (len(values[i] & uncovered), -((i - start) % len(items))))
+        keep.add(best)
+        uncovered -= values[best]
+    return keep
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() != "cpu":
+        return
+    groups: dict[tuple, list] = {}
+    for item in items:
+        marker = item.get_closest_marker("sample")
+        callspec = getattr(item, "callspec", None)
+        if marker is None or callspec is None or item.get_closest_marker("slow"):
+            continue
+        axes = tuple(marker.args)
+        rest = tuple(sorted((k, _param_key(v)) for k, v in callspec.params.items() if k not in axes))
+        groups.setdefault((item.path, item.originalname, axes, rest), []).append(item)
+    for (_, _, axes, _), group in groups.items():
+        keep = _covering_sample(group, axes, zlib.crc32(group[0].nodeid.encode()))
+        for i, item in enumerate(group):
+            if i not in keep:
+                item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A fresh generator per test, seeded from the test id and a per-run salt.

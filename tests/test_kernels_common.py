@@ -59,3 +59,22 @@ def test_triton_deprecation_is_silenced_for_our_kernels_only():
         warnings.simplefilter("always")
         lower_for("cuda", theirs, jax.ShapeDtypeStruct((16,), jnp.float32))
     assert [w for w in caught if "Pallas Triton backend is deprecated" in str(w.message)]
+
+
+def _abstract_gpu(kind: str, sms: int):
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    return use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind=kind, num_cores=sms, platform="gpu")))
+
+
+def test_sm_count_comes_from_the_gpu_traced_for():
+    from fusedvjp.kernels.dense.mosaic_gpu import DenseMosaicGpuBlockSizes
+
+    assert _common.num_sms() == _common.INTERPRET_SMS  # this CPU: no GPU known
+    # fwd at M=1024, N=2048: 128x256 tiles are 8x8 = 64 CTAs; halving the columns gives
+    # 128, enough for an H20's 78 SMs, but an H100's 132 needs the rows halved too.
+    for kind, sms, tile in (("NVIDIA H20", 78, (128, 128)), ("NVIDIA H100 80GB HBM3", 132, (64, 128))):
+        with _abstract_gpu(kind, sms):
+            assert _common.num_sms() == sms
+            assert DenseMosaicGpuBlockSizes.default(1024, 2048, 512, jnp.bfloat16).tiles("fwd")[:2] == tile

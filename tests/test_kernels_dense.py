@@ -156,6 +156,7 @@ def _check_against_oracle(got, x, w, b, g, activation, dtype):
 # --- numerics in interpret mode ---------------------------------------------------------
 
 
+@pytest.mark.sample("shape", "dtype_name")  # every shape and dtype per backend and epilogue
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ABSTRACT_DEVICES, float64_oracle, lower_for, randn
+from fusedvjp.kernels import _common
 from fusedvjp.kernels.dense import mosaic_gpu as mg
 
 # (M, K, N). With TILES every kernel has several output tiles, and:
@@ -80,7 +81,7 @@ def _inputs(rng, m, k, n, has_bias):
 def few_sms(monkeypatch):
     # 3 CTAs for 4..8 output tiles: each CTA loops over several tiles (the persistent
     # grid), unevenly, and the operand ring and epilogue buffers are reused across tiles.
-    monkeypatch.setattr(mg, "NUM_SMS", 3)
+    monkeypatch.setattr(_common, "num_sms", lambda: 3)
 
 
 OPTIONS = {
@@ -108,6 +109,7 @@ def _slope(z, activation):
 
 
 @pytest.mark.usefixtures("few_sms")
+@pytest.mark.sample("shape_name", "options")  # every tiling and every epilogue
 @pytest.mark.parametrize(("shape_name", "options"), CASES, ids=[f"{s}-{o}" for s, o in CASES])
 def test_matches_float64_oracle(rng, shape_name, options):
     (m, k, n), (has_bias, activation) = SHAPES[shape_name], OPTIONS[options]

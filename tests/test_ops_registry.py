@@ -82,6 +82,7 @@ def _cases():
                                        id=f"{spec.name}-{'x'.join(map(str, shape))}-opt{i}-{dname}")
 
 
+@pytest.mark.sample("shape", "dname")  # every shape and dtype per op, option set and impl
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("spec,shape,options,dname", list(_cases()))
 def test_forward_and_vjp_match_float64(spec, shape, options, dname, impl, rng):

@@ -40,6 +40,7 @@ def _check_grad(got, want, terms, dtype, name):
         assert_close(got, want, dtype, err_msg=name)
 
 
+@pytest.mark.sample("v", "dname")  # every V and dtype per impl and option set
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dname", DTYPES)
 @pytest.mark.parametrize("v", [10, 1000, 32003])
@@ -76,6 +77,7 @@ def test_integer_labels_match_optax(impl, dname, v, label_smoothing, z_loss, mas
     assert np.all(np.asarray(dlogits, np.float32)[~np.asarray(where)] == 0)
 
 
+@pytest.mark.sample("v", "dname")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dname", DTYPES)
 @pytest.mark.parametrize("v", [10, 1000])

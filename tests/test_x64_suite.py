@@ -5,8 +5,8 @@ kernel (int32 program ids met int64 column starts) and let int64 labels wrap; th
 covers every op and impl: the registry's generic numerics (forward and VJP against float64,
 every impl, f32 and bf16, odd shapes), the dense, layer_norm and rms_norm tests, the documented
 semantics (cross-entropy's x64 cases: int64 labels, float64) and the fair-baseline check.
-The cross-entropy file's own tests are left to the main run: CI's 15 minutes. It runs in a subprocess because x64 is a process-wide setting read
-at import.
+The cross-entropy file's own tests run in the default tier only (CI's time). Slow tier; it
+runs in a subprocess because x64 is a process-wide setting read at import.
 """
 
 from __future__ import annotations

@@ -51,14 +51,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from fusedvjp.kernels import _common
 from fusedvjp.kernels.dense.common import KERNELS, activate, dz as dz_of, saves_preactivation
 
-# H100 SXM: streaming multiprocessors (the persistent grid's size) and the shared
-# memory one CTA may opt into (227 KiB).
-NUM_SMS = 132
+# Hopper: the shared memory one CTA may opt into (227 KiB). The persistent grid is one
+# CTA per SM (`_common.num_sms()`: the device's, or the compile target's).
 SMEM_BYTES = 227 * 1024
 # Two compute warpgroups split a CTA tile's columns; a third one issues the TMA loads.
 COMPUTE_WGS = 2
-# wgmma's M is 64 rows a warpgroup instruction; 128-byte swizzle rows are 64 bf16.
-WGMMA_ROWS = 64
+# 128-byte swizzle rows are 64 bf16; wgmma's M is also 64 rows a warpgroup instruction,
+# so every block side is a multiple of this.
 SWIZZLE_ELEMS = 64
 # Epilogue store tiles [64, 64] bf16 (8 KiB), double-buffered per warpgroup.
 EPI_TILE = 64
@@ -110,7 +109,8 @@ class DenseMosaicGpuBlockSizes:
         _common.validate_block_fields(
             self, ("block_m", "block_n", "block_k", "max_concurrent_steps", "grid_tile_width")
         )
-        bad = [f"{f}={getattr(self, f)}" for f in ("block_m", "block_n", "block_k") if getattr(self, f) % 64]
+        blocks = ("block_m", "block_n", "block_k")
+        bad = [f"{f}={getattr(self, f)}" for f in blocks if getattr(self, f) % SWIZZLE_ELEMS]
         if bad:
             raise ValueError(f"{type(self).__name__} blocks must be multiples of 64; got {', '.join(bad)}")
 
@@ -162,7 +162,7 @@ class DenseMosaicGpuBlockSizes:
         rows, cols, step = _axes(kernel)
         size = dict(m=m, n=n, k=k)
         tile = {rows: 128, cols: 128 if kernel == "fwd" and saves_preactivation(activation) else 256, step: 64}
-        while pl.cdiv(size[rows], tile[rows]) * pl.cdiv(size[cols], tile[cols]) < NUM_SMS:
+        while pl.cdiv(size[rows], tile[rows]) * pl.cdiv(size[cols], tile[cols]) < _common.num_sms():
             if tile[cols] > 128:
                 tile[cols] //= 2
             elif tile[rows] > 64:
@@ -344,7 +344,7 @@ def _launch(kernel, lhs, rhs, *b, out_shape, lhs_t, rhs_t, bs, epilogue, name, i
     return plgpu.kernel(
         body,
         out_type=(out,) * num_outputs if num_outputs > 1 else out,
-        grid=(min(n_tiles, NUM_SMS),),
+        grid=(min(n_tiles, _common.num_sms()),),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",

@@ -51,8 +51,6 @@ SMEM_BYTES = 227 * 1024
 # Triton tensors (and so every block dimension) are powers of two; tl.dot needs each
 # of M, N, K >= 16.
 MIN_BLOCK = 16
-# H100 SXM streaming multiprocessors: a grid smaller than this leaves SMs idle.
-NUM_SMS = 132
 # The dz pass is elementwise plus a column sum: [128, 64] tiles, 4 warps. Its db
 # partials are [cdiv(M, 128), N] f32 (1 MiB at M=8192, N=4096 -- 1/64 of dz's bytes).
 DZ_PASS_BLOCK = (128, 64)
@@ -97,7 +95,7 @@ def default_block_sizes(m: int, n: int, k: int, dtype, kernel: str) -> DenseBloc
     # A grid smaller than the SM count leaves SMs idle (the MNIST layer: 128x512 output
     # is 4 tiles of 128x128): halve the larger output side, down to out_min, until the
     # grid covers the SMs.
-    while pl.cdiv(size[rows], tile[rows]) * pl.cdiv(size[cols], tile[cols]) < NUM_SMS:
+    while pl.cdiv(size[rows], tile[rows]) * pl.cdiv(size[cols], tile[cols]) < _common.num_sms():
         sides = [s for s in (rows, cols) if tile[s] // 2 >= max(out_min, MIN_BLOCK)]
         if not sides:
             break

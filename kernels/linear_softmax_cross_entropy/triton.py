@@ -53,8 +53,6 @@ from fusedvjp.kernels.linear_softmax_cross_entropy.common import (
 SMEM_BYTES = 227 * 1024
 # Triton tensors are powers of two; tl.dot needs each of M, N, K >= 16.
 MIN_BLOCK = 16
-# H100 SXM streaming multiprocessors.
-NUM_SMS = 132
 # row_stats: at least this many waves of one program per SM (what the LLM tiles allow),
 # so the last, partial wave idles at most ~1/8 of the SMs' time; and up to this many
 # vocabulary tiles per program: the partials shrink as many times (at C=16384, Vc=128256
@@ -95,7 +93,7 @@ def default_block_sizes(c: int, v: int, d: int, dtype, kernel: str) -> LinearCro
         row_blocks, v_blocks = pl.cdiv(c, bc), pl.cdiv(v, bv)
         while (
             per_program * 2 <= min(MAX_V_BLOCKS_PER_PROGRAM, v_blocks)
-            and row_blocks * pl.cdiv(v_blocks, per_program * 2) >= MIN_WAVES * NUM_SMS
+            and row_blocks * pl.cdiv(v_blocks, per_program * 2) >= MIN_WAVES * _common.num_sms()
         ):
             per_program *= 2
     bs = LinearCrossEntropyBlockSizes(bc, bv, bd, per_program, num_warps=num_warps, num_stages=4)
