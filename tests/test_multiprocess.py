@@ -163,7 +163,7 @@ def test_trainer_cli_across_processes(tmp_path):
 @pytest.mark.parametrize("argv, match", [
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id must be in"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"], "--process-id must be in"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"], "--num-processes must be in"),
 ])
 def test_multi_process_flags(argv, match, capsys):
     from fusedvjp.model import train
