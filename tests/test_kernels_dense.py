@@ -126,7 +126,10 @@ def _compare(name, got, want, plain, like, dtype):
     # skipped block or an unmasked tail shows up here.
     assert np.isfinite(np.asarray(got, np.float64)).all(), f"{name} has non-finite entries"
     assert_close(got, want, dtype, err_msg=name)
-    if dtype == jnp.bfloat16 and plain is not None:
+    # CCE's rule compares maxima over many elements; on a single element (the 1 x 1 x 1
+    # shape) near gelu's minimum it compares two roundings of z, which is luck (see
+    # tests/test_ops_dense.py's gelu test): assert_close above covers that case.
+    if dtype == jnp.bfloat16 and plain is not None and want.size > 1:
         assert_no_worse_than(got, plain, want, margin=BF16_MARGIN, err_msg=name)
 
 
