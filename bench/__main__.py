@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--peers: {e}")
     if args.loop_n < 0:
         p.error(f"--loop-n must be >= 0, got {args.loop_n}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0 (numpy's generators take no negative seed), got {args.seed}")
     if args.shapes is None:
         args.shapes = list(static.SHAPE_SETS if args.static else cases_lib.SHAPE_SETS)
     elif not args.static and "odd" in args.shapes:

@@ -467,6 +467,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.static and not args.write_candidates:
         p.error("--static goes with --write-candidates")
+    # NaN compares false with everything: `--budget-s nan` would never stop a bucket.
+    if not args.budget_s > 0:
+        p.error(f"--budget-s must be > 0 (inf: no budget), got {args.budget_s}")
+    for name in ("per_bucket", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0 (numpy's generators take no negative seed), got {args.seed}")
     return args
 
 

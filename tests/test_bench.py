@@ -226,6 +226,25 @@ def test_empty_selection_says_what_was_selected(monkeypatch):
     assert "--modes fwd" in str(e.value.code)
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--budget-s", "nan"], "--budget-s must be > 0"), (["--budget-s", "0"], "--budget-s must be > 0"),
+    (["--per-bucket", "0"], "--per-bucket must be >= 1"), (["--workers", "0"], "--workers must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_sweep_rejects_degenerate_options(argv, match, capsys):
+    from fusedvjp.bench import sweep
+
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_bench_rejects_a_negative_seed(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--quick", "--seed", "-1"])
+    assert e.value.code == 2 and "--seed must be >= 0" in capsys.readouterr().err
+
+
 def test_unwritable_out_fails_before_any_timing(tmp_path, monkeypatch):
     _no_timing(monkeypatch)
     (tmp_path / "a-file").write_text("")
